@@ -1,0 +1,109 @@
+"""Apply permutations to state dicts, and check state dicts before they are merged."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from rebasin.spec import PermutationSpec, SpecError, StateDict
+
+Perms = dict[str, torch.Tensor]
+
+
+def permute_axis(tensor: torch.Tensor, axis: int, perm: torch.Tensor) -> torch.Tensor:
+    """Reorder ``tensor`` along ``axis`` so that new entry ``i`` is old entry ``perm[i]``.
+
+    If the axis is ``b`` times longer than ``perm``, contiguous blocks of ``b`` entries move
+    together (a channel permutation seen through ``flatten``).
+    """
+    n = perm.numel()
+    length = tensor.shape[axis]
+    perm = perm.to(tensor.device)
+    if length != n:
+        block = length // n
+        perm = (perm[:, None] * block + torch.arange(block, device=tensor.device)).reshape(-1)
+    return tensor.index_select(axis, perm)
+
+
+def apply_permutation(
+    spec: PermutationSpec,
+    perms: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor],
+    except_perm: str | None = None,
+) -> StateDict:
+    """Return a copy of ``state_dict`` with every permutation of ``perms`` applied.
+
+    Keys the spec does not name are copied unchanged. ``except_perm`` leaves the axes of that
+    one permutation as they are (the textbook matcher uses it).
+    """
+    missing = sorted(set(spec.perm_to_axes) - set(perms))
+    if missing:
+        raise SpecError(f"no permutation given for {missing}")
+    out: StateDict = {}
+    for key, tensor in state_dict.items():
+        for axis, perm in enumerate(spec.axes_to_perm.get(key, ())):
+            if perm is not None and perm != except_perm:
+                tensor = permute_axis(tensor, axis, perms[perm])
+        out[key] = tensor
+    return out
+
+
+def identity_perms(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor]) -> Perms:
+    """The identity permutation for every permutation of ``spec``, on the weights' device."""
+    device = next(iter(state_dict.values())).device
+    return {
+        p: torch.arange(n, device=device) for p, n in spec.perm_sizes(state_dict).items()
+    }
+
+
+def random_perms(
+    spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor], seed: int
+) -> Perms:
+    """A uniformly random permutation for every permutation of ``spec`` (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        p: torch.randperm(n, generator=gen)
+        for p, n in sorted(spec.perm_sizes(state_dict).items())
+    }
+
+
+def invert(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation: ``invert(p)[p] == arange(n)``."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
+
+
+def validate_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    name: str = "state dict",
+) -> None:
+    """Raise ``ValueError`` naming the problem unless ``state_dict`` matches ``reference``.
+
+    Checked: the same keys, and per key the same shape and dtype, and only finite values
+    in floating-point tensors.
+    """
+    missing = sorted(set(reference) - set(state_dict))
+    extra = sorted(set(state_dict) - set(reference))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if extra:
+            parts.append(f"unexpected keys {extra}")
+        raise ValueError(f"{name}: {'; '.join(parts)}")
+    for key, ref in reference.items():
+        tensor = state_dict[key]
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name}: {key!r} is a {type(tensor).__name__}, not a tensor")
+        if tensor.shape != ref.shape:
+            raise ValueError(
+                f"{name}: {key!r} has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}"
+            )
+        if tensor.dtype != ref.dtype:
+            raise ValueError(f"{name}: {key!r} has dtype {tensor.dtype}, expected {ref.dtype}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{name}: {key!r} has {bad} non-finite values (NaN or Inf)")
