@@ -1,0 +1,235 @@
+"""Merge models after weight matching: to a reference, MergeMany, interpolation, barrier."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rebasin.matching import weight_matching
+from rebasin.permute import Perms, apply_permutation, validate_state_dict
+from rebasin.spec import PermutationSpec, StateDict
+
+
+def align_to_reference(
+    spec: PermutationSpec,
+    reference: Mapping[str, torch.Tensor],
+    other: Mapping[str, torch.Tensor],
+    *,
+    seed: int = 0,
+    init: Mapping[str, torch.Tensor] | None = None,
+    max_iter: int = 100,
+) -> tuple[StateDict, Perms]:
+    """Permute ``other`` into ``reference``'s basin; return it and the permutations used."""
+    result = weight_matching(spec, reference, other, seed=seed, init=init, max_iter=max_iter)
+    return apply_permutation(spec, result.perms, other), result.perms
+
+
+class WeightedAverage:
+    """Streaming weighted average of state dicts: holds one running sum, never the models.
+
+    Floating-point entries are averaged in float64 and returned in their own dtype;
+    integer entries (such as ``num_batches_tracked``) take the value of the heaviest model.
+    """
+
+    def __init__(self) -> None:
+        self._sum: dict[str, torch.Tensor] = {}
+        self._total = 0.0
+        self._heaviest = -1.0
+        self._template: StateDict = {}
+
+    def add(self, state_dict: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
+        if not (weight > 0 and np.isfinite(weight)):
+            raise ValueError(f"merge weights must be positive and finite, got {weight}")
+        if self._template:
+            validate_state_dict(state_dict, self._template, name="model to average")
+        for key, tensor in state_dict.items():
+            if tensor.is_floating_point():
+                term = tensor.detach().double() * weight
+                self._sum[key] = self._sum[key] + term if key in self._sum else term
+            elif weight > self._heaviest:
+                self._sum[key] = tensor.detach().clone()
+        if weight > self._heaviest:
+            self._heaviest = weight
+        if not self._template:
+            self._template = {k: v.detach() for k, v in state_dict.items()}
+        self._total += weight
+
+    def result(self) -> StateDict:
+        if not self._template:
+            raise ValueError("cannot average an empty list of models")
+        return {
+            key: (value / self._total).to(self._template[key].dtype)
+            if self._template[key].is_floating_point()
+            else value
+            for key, value in self._sum.items()
+        }
+
+
+def average(
+    models: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None
+) -> StateDict:
+    """Naive (weighted) average of state dicts, as FedAvg does."""
+    weights = _check_models_and_weights(models, weights)
+    acc = WeightedAverage()
+    for model, weight in zip(models, weights):
+        acc.add(model, weight)
+    return acc.result()
+
+
+def merge_to_reference(
+    spec: PermutationSpec,
+    models: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float] | None = None,
+    *,
+    reference: int | Mapping[str, torch.Tensor] = 0,
+    seed: int = 0,
+    max_iter: int = 100,
+) -> StateDict:
+    """Align every model to a reference, then take the weighted average.
+
+    ``reference`` is an index into ``models`` (that model is not permuted) or an outside
+    state dict (such as last round's global model). Work grows linearly with ``len(models)``
+    and only one aligned copy exists at a time.
+    """
+    weights = _check_models_and_weights(models, weights)
+    ref = models[reference] if isinstance(reference, int) else reference
+    acc = WeightedAverage()
+    for i, (model, weight) in enumerate(zip(models, weights)):
+        if isinstance(reference, int) and i == reference:
+            acc.add(model, weight)
+            continue
+        aligned, _ = align_to_reference(spec, ref, model, seed=seed + i, max_iter=max_iter)
+        acc.add(aligned, weight)
+    return acc.result()
+
+
+def merge_many(
+    spec: PermutationSpec,
+    models: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float] | None = None,
+    *,
+    seed: int = 0,
+    max_rounds: int = 20,
+    max_iter: int = 100,
+) -> StateDict:
+    """MergeMany (Ainsworth et al., appendix): no reference model.
+
+    Repeat, over the models in a seeded random order: align model ``i`` to the weighted mean
+    of all the others (as currently aligned). Stop after a round in which no permutation
+    changed (or after ``max_rounds``); return the weighted mean of the aligned models.
+    """
+    weights = _check_models_and_weights(models, weights)
+    for i, model in enumerate(models[1:], start=1):
+        validate_state_dict(model, models[0], name=f"model {i}")
+    aligned = [dict(m) for m in models]
+    if len(aligned) == 1:
+        return average(aligned, weights)
+    rng = np.random.default_rng(seed)
+    total = sum(weights)
+    weighted_sum = _weighted_sum(aligned, weights)
+    for _ in range(max_rounds):
+        changed = False
+        for i in rng.permutation(len(aligned)):
+            w = weights[i]
+            others_mean = {
+                k: ((weighted_sum[k] - w * aligned[i][k].double()) / (total - w)).to(v.dtype)
+                if v.is_floating_point()
+                else v
+                for k, v in aligned[i].items()
+            }
+            result = weight_matching(
+                spec, others_mean, aligned[i], seed=int(rng.integers(2**31)), max_iter=max_iter
+            )
+            if all(torch.equal(p, torch.arange(p.numel())) for p in result.perms.values()):
+                continue
+            new = apply_permutation(spec, result.perms, aligned[i])
+            for k, v in new.items():
+                if v.is_floating_point():
+                    weighted_sum[k] += w * (v.double() - aligned[i][k].double())
+            aligned[i] = new
+            changed = True
+        if not changed:
+            break
+    return average(aligned, weights)
+
+
+def interpolate(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], lam: float
+) -> StateDict:
+    """``(1 - lam) * a + lam * b`` for floating-point entries; integer entries from ``a``."""
+    validate_state_dict(b, a, name="second model")
+    return {
+        k: torch.lerp(v, b[k], lam) if v.is_floating_point() else v.clone() for k, v in a.items()
+    }
+
+
+@dataclass(frozen=True)
+class InterpolationCurve:
+    """Loss and accuracy along ``(1 - lam) a + lam b``."""
+
+    lambdas: list[float]
+    losses: list[float]
+    accuracies: list[float]
+
+    @property
+    def loss_barrier(self) -> float:
+        return barrier(self.losses)
+
+    @property
+    def accuracy_barrier(self) -> float:
+        """Largest drop of accuracy below the endpoints' mean (positive means worse)."""
+        return barrier([-a for a in self.accuracies])
+
+
+def interpolation_curve(
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    evaluate: Callable[[StateDict], tuple[float, float]],
+    lambdas: Iterable[float] = tuple(np.linspace(0.0, 1.0, 11)),
+) -> InterpolationCurve:
+    """Evaluate ``evaluate(state_dict) -> (loss, accuracy)`` along the linear path a -> b.
+
+    ``evaluate`` owns whatever happens per point (for example a BatchNorm reset).
+    """
+    lams = [float(x) for x in lambdas]
+    losses, accs = [], []
+    for lam in lams:
+        loss, acc = evaluate(interpolate(a, b, lam))
+        losses.append(float(loss))
+        accs.append(float(acc))
+    return InterpolationCurve(lams, losses, accs)
+
+
+def barrier(values: Sequence[float]) -> float:
+    """Loss barrier of a path: ``max_i values[i]`` minus the mean of the two endpoints."""
+    if len(values) < 2:
+        raise ValueError("a barrier needs at least the two endpoints")
+    return float(max(values) - 0.5 * (values[0] + values[-1]))
+
+
+def _check_models_and_weights(
+    models: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None
+) -> list[float]:
+    if len(models) == 0:
+        raise ValueError("cannot merge an empty list of models")
+    if weights is None:
+        return [1.0] * len(models)
+    if len(weights) != len(models):
+        raise ValueError(f"got {len(weights)} weights for {len(models)} models")
+    for w in weights:
+        if not (w > 0 and np.isfinite(w)):
+            raise ValueError(f"merge weights must be positive and finite, got {w}")
+    return [float(w) for w in weights]
+
+
+def _weighted_sum(
+    models: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    return {
+        k: sum(w * m[k].double() for m, w in zip(models, weights))
+        for k, v in models[0].items()
+        if v.is_floating_point()
+    }
