@@ -195,7 +195,9 @@ class _MatchContext:
 
     def objective(self, perms: Perms) -> float:
         permuted = apply_permutation(self.spec, perms, self.b)
-        return float(sum(torch.vdot(self.a[k].flatten(), permuted[k].flatten()) for k in self.keys))
+        return float(
+            sum(torch.vdot(self.a[k].double().flatten(), permuted[k].double().flatten()) for k in self.keys)
+        )
 
     def descend(self, seed: int, contribution, on_update) -> MatchResult:
         perms = dict(self.perms)
