@@ -91,23 +91,7 @@ def weight_matching(
         The permutations and the objective per sweep.
     """
     ctx = _MatchContext(spec, reference, other, init, max_iter, device)
-    cache: dict[tuple[str, int], tuple[tuple[int, ...], torch.Tensor]] = {}
-    versions = dict.fromkeys(ctx.names, 0)
-
-    def contribution(key: str, axis: int, perms: Perms) -> torch.Tensor:
-        # Valid while the permutations on this weight's other axes are unchanged.
-        others = tuple(versions[p] for p in ctx.other_perms[(key, axis)])
-        hit = cache.get((key, axis))
-        if hit is not None and hit[0] == others:
-            return hit[1]
-        value = ctx.a_rows[(key, axis)] @ ctx.b_rows(key, axis, perms).T
-        cache[(key, axis)] = (others, value)
-        return value
-
-    def on_update(perm: str) -> None:
-        versions[perm] += 1
-
-    return ctx.descend(seed, contribution, on_update)
+    return ctx.descend(seed, _CachedSimilarity(ctx))
 
 
 def reference_weight_matching(
@@ -122,19 +106,79 @@ def reference_weight_matching(
 ) -> MatchResult:
     """The textbook matcher: rebuild every permuted weight at every step (baseline only)."""
     ctx = _MatchContext(spec, reference, other, init, max_iter, device)
-    state: dict[str, object] = {}
+    return ctx.descend(seed, _RebuiltSimilarity(ctx))
 
-    def contribution(key: str, axis: int, perms: Perms) -> torch.Tensor:
-        step = (id(perms), ctx.current_perm)
-        if state.get("step") != step:
-            # A fresh permuted copy of the whole model, all permutations but the current one.
-            state["step"] = step
-            state["model"] = apply_permutation(ctx.spec, perms, ctx.b, except_perm=ctx.current_perm)
-        b = state["model"][key]  # type: ignore[index]
-        n = perms[ctx.current_perm].numel()
-        return ctx.a_rows[(key, axis)] @ torch.movedim(b, axis, 0).reshape(n, -1).T
 
-    return ctx.descend(seed, contribution, lambda perm: state.clear())
+class _CachedSimilarity:
+    """Similarity terms kept until a permutation they depend on changes.
+
+    The term of weight ``w`` on axis ``a`` depends only on the permutations of ``w``'s other
+    axes; ``S_P`` as a whole depends only on the permutations that share a weight with ``P``.
+    If none of those changed since ``P`` was last solved, solving again cannot improve it.
+    """
+
+    def __init__(self, ctx: _MatchContext) -> None:
+        self.ctx = ctx
+        self.versions = dict.fromkeys(ctx.names, 0)
+        self.terms: dict[tuple[str, int], tuple[tuple[int, ...], torch.Tensor]] = {}
+        self.solved_at: dict[str, tuple[int, ...]] = {}
+        self.neighbours = {
+            p: sorted(
+                {
+                    q
+                    for k, ax in ctx.spec.perm_to_axes[p]
+                    if (k, ax) in ctx.a_rows
+                    for q in ctx.other_perms[(k, ax)]
+                }
+                - {p}
+            )
+            for p in ctx.names
+        }
+
+    def unchanged(self, perm: str) -> bool:
+        state = tuple(self.versions[q] for q in self.neighbours[perm])
+        if self.solved_at.get(perm) == state:
+            return True
+        self.solved_at[perm] = state
+        return False
+
+    def term(self, key: str, axis: int, perms: Perms) -> torch.Tensor:
+        state = tuple(self.versions[p] for p in self.ctx.other_perms[(key, axis)])
+        hit = self.terms.get((key, axis))
+        if hit is not None and hit[0] == state:
+            return hit[1]
+        value = self.ctx.a_rows[(key, axis)] @ self.ctx.b_rows(key, axis, perms).T
+        self.terms[(key, axis)] = (state, value)
+        return value
+
+    def updated(self, perm: str) -> None:
+        self.versions[perm] += 1
+
+
+class _RebuiltSimilarity:
+    """The textbook way: a fresh permuted copy of B (all permutations but ``P``) per step."""
+
+    def __init__(self, ctx: _MatchContext) -> None:
+        self.ctx = ctx
+        self.model: dict[str, torch.Tensor] = {}
+        self.step: str | None = None
+
+    def unchanged(self, perm: str) -> bool:
+        self.step = None  # a new step: rebuild
+        return False
+
+    def term(self, key: str, axis: int, perms: Perms) -> torch.Tensor:
+        p = self.ctx.current_perm
+        if self.step != p:
+            self.step = p
+            self.model = apply_permutation(self.ctx.spec, perms, self.ctx.b, except_perm=p)
+        n = perms[p].numel()
+        return (
+            self.ctx.a_rows[(key, axis)] @ torch.movedim(self.model[key], axis, 0).reshape(n, -1).T
+        )
+
+    def updated(self, perm: str) -> None:
+        pass
 
 
 class _MatchContext:
@@ -165,8 +209,16 @@ class _MatchContext:
         ]
         self.a = {k: _as_float(reference[k], self.device) for k in self.keys}
         self.b = {k: _as_float(other[k], self.device) for k in self.keys}
+        self.dtype = (
+            torch.float64
+            if any(t.dtype == torch.float64 for t in self.a.values())
+            else torch.float32
+        )
         self.sizes = spec.perm_sizes(reference)
-        self.names = spec.perm_names
+        # Permutations that touch at least one weight (not only running statistics).
+        self.names = [
+            p for p in spec.perm_names if any(k in self.a for k, _ in spec.perm_to_axes[p])
+        ]
         self.a_rows = {
             (k, ax): torch.movedim(self.a[k], ax, 0).reshape(self.sizes[p], -1)
             for p in self.names
@@ -196,33 +248,37 @@ class _MatchContext:
     def objective(self, perms: Perms) -> float:
         permuted = apply_permutation(self.spec, perms, self.b)
         return float(
-            sum(torch.vdot(self.a[k].double().flatten(), permuted[k].double().flatten()) for k in self.keys)
+            sum(
+                torch.vdot(self.a[k].double().flatten(), permuted[k].double().flatten())
+                for k in self.keys
+            )
         )
 
-    def descend(self, seed: int, contribution, on_update) -> MatchResult:
+    def descend(self, seed: int, similarity: _CachedSimilarity | _RebuiltSimilarity) -> MatchResult:
+        """Algorithm 1: sweep the permutations in a seeded random order until none improves."""
         perms = dict(self.perms)
         rng = np.random.default_rng(seed)
         result = MatchResult(perms=perms, objective=[self.objective(perms)])
         total = result.objective[0]
-        usable = [p for p in self.names if any((k, ax) in self.a_rows for k, ax in self.spec.perm_to_axes[p])]
         for _ in range(self.max_iter):
             result.sweeps += 1
             progress = False
-            for idx in rng.permutation(len(usable)):
-                p = usable[idx]
-                self.current_perm = p
+            for idx in rng.permutation(len(self.names)):
+                p = self.current_perm = self.names[idx]
+                if similarity.unchanged(p):
+                    continue  # same S_P as when last solved: no gain possible
                 n = self.sizes[p]
-                sim = torch.zeros((n, n), dtype=torch.float64, device=self.device)
+                sim = torch.zeros((n, n), dtype=self.dtype, device=self.device)
                 for key, axis in self.spec.perm_to_axes[p]:
                     if (key, axis) in self.a_rows:
-                        sim += contribution(key, axis, perms)
-                sim_cpu = sim.cpu().numpy()
+                        sim += similarity.term(key, axis, perms)
+                sim_cpu = sim.cpu().double().numpy()
                 rows, cols = linear_sum_assignment(sim_cpu, maximize=True)
                 old = float(sim_cpu[rows, perms[p].cpu().numpy()].sum())
                 new = float(sim_cpu[rows, cols].sum())
                 if new - old > _REL_TOL * max(1.0, abs(old)):
                     perms[p] = torch.as_tensor(cols, device=self.device)
-                    on_update(p)
+                    similarity.updated(p)
                     total += new - old
                     progress = True
             result.objective.append(total)
@@ -250,7 +306,9 @@ def _check_init(init: Mapping[str, torch.Tensor], sizes: dict[str, int], device)
     perms: Perms = {}
     for p, n in sizes.items():
         perm = torch.as_tensor(init[p], device=device).long()
-        if perm.shape != (n,) or not torch.equal(torch.sort(perm).values, torch.arange(n, device=device)):
+        if perm.shape != (n,) or not torch.equal(
+            torch.sort(perm).values, torch.arange(n, device=device)
+        ):
             raise SpecError(f"warm start for {p!r} is not a permutation of {n} units")
         perms[p] = perm
     return perms

@@ -91,7 +91,9 @@ def batchnorm_stats(
     return BatchNormStats(moments, count)
 
 
-def combine_batchnorm_stats(stats: Sequence[BatchNormStats]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def combine_batchnorm_stats(
+    stats: Sequence[BatchNormStats],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Pool per-client moments, weighted by examples (law of total variance)."""
     if not stats:
         raise ValueError("no BatchNorm statistics to combine")
@@ -105,10 +107,13 @@ def combine_batchnorm_stats(stats: Sequence[BatchNormStats]) -> dict[str, tuple[
     pooled = {}
     for name in sorted(names):
         mean = sum(s.count * s.moments[name][0].double() for s in stats) / total
-        var = sum(
-            s.count * (s.moments[name][1].double() + (s.moments[name][0].double() - mean) ** 2)
-            for s in stats
-        ) / total
+        var = (
+            sum(
+                s.count * (s.moments[name][1].double() + (s.moments[name][0].double() - mean) ** 2)
+                for s in stats
+            )
+            / total
+        )
         dtype = stats[0].moments[name][0].dtype
         pooled[name] = (mean.to(dtype), var.to(dtype))
     return pooled

@@ -52,19 +52,14 @@ def apply_permutation(
 def identity_perms(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor]) -> Perms:
     """The identity permutation for every permutation of ``spec``, on the weights' device."""
     device = next(iter(state_dict.values())).device
-    return {
-        p: torch.arange(n, device=device) for p, n in spec.perm_sizes(state_dict).items()
-    }
+    return {p: torch.arange(n, device=device) for p, n in spec.perm_sizes(state_dict).items()}
 
 
-def random_perms(
-    spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor], seed: int
-) -> Perms:
+def random_perms(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor], seed: int) -> Perms:
     """A uniformly random permutation for every permutation of ``spec`` (seeded)."""
     gen = torch.Generator().manual_seed(seed)
     return {
-        p: torch.randperm(n, generator=gen)
-        for p, n in sorted(spec.perm_sizes(state_dict).items())
+        p: torch.randperm(n, generator=gen) for p, n in sorted(spec.perm_sizes(state_dict).items())
     }
 
 

@@ -23,7 +23,11 @@ class EvalResult:
 
 
 def make_optimizer(
-    model: nn.Module, name: OptimizerName, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
+    model: nn.Module,
+    name: OptimizerName,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
     """SGD with momentum or Adam over all of ``model``'s parameters."""
     if lr <= 0:
@@ -57,9 +61,7 @@ def train(
     device = next(model.parameters()).device
     opt = make_optimizer(model, optimizer, lr, weight_decay=weight_decay)
     steps = epochs * len(loader)  # type: ignore[arg-type]
-    sched = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if optimizer == "sgd" else None
-    )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if optimizer == "sgd" else None
     task = progress.add_task(description, total=steps) if progress is not None else None
     loss_fn = nn.CrossEntropyLoss()
     model.train()

@@ -95,7 +95,9 @@ def test_matching_recovers_the_exact_permutation_and_merge_is_the_original(name:
         torch.testing.assert_close(merged[k], state[k], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["mlp", "vgg-batch", "vgg-flatten-blocks", "resnet20-batch", "resnet20-none"])
+@pytest.mark.parametrize(
+    "name", ["mlp", "vgg-batch", "vgg-flatten-blocks", "resnet20-batch", "resnet20-none"]
+)
 def test_engine_agrees_exactly_with_textbook_matcher(name: str) -> None:
     spec = _randomized(name, 0).permutation_spec()
     a = _randomized(name, 10).state_dict()
@@ -196,7 +198,9 @@ def test_mismatched_state_dicts_are_named(mlp_case) -> None:
     with pytest.raises(ValueError, match=r"'head.bias' has shape \(11,\), expected \(10,\)"):
         weight_matching(spec, state, shape)
     dtype = dict(state, **{"head.bias": state["head.bias"].double()})
-    with pytest.raises(ValueError, match=r"'head.bias' has dtype torch.float64, expected torch.float32"):
+    with pytest.raises(
+        ValueError, match=r"'head.bias' has dtype torch.float64, expected torch.float32"
+    ):
         merge_to_reference(spec, [state, dtype])
 
 
@@ -205,7 +209,9 @@ def test_non_finite_weights_are_rejected(mlp_case, bad: float) -> None:
     spec, state = mlp_case
     poisoned = {k: v.clone() for k, v in state.items()}
     poisoned["layers.1.weight"][3, 4] = bad
-    with pytest.raises(ValueError, match=r"'layers.1.weight' has 1 non-finite values \(NaN or Inf\)"):
+    with pytest.raises(
+        ValueError, match=r"'layers.1.weight' has 1 non-finite values \(NaN or Inf\)"
+    ):
         weight_matching(spec, state, poisoned)
     with pytest.raises(ValueError, match="non-finite"):
         merge_many(spec, [state, poisoned])
@@ -228,18 +234,25 @@ def test_empty_model_list_and_bad_weights(mlp_case) -> None:
 def test_spec_that_does_not_cover_the_model_is_rejected(mlp_case) -> None:
     spec, state = mlp_case
     partial = PermutationSpec({k: v for k, v in spec.axes_to_perm.items() if k != "head.weight"})
-    with pytest.raises(SpecError, match=r"spec does not cover these state-dict keys: \['head.weight'\]"):
+    with pytest.raises(
+        SpecError, match=r"spec does not cover these state-dict keys: \['head.weight'\]"
+    ):
         weight_matching(partial, state, state)
     wrong_rank = PermutationSpec(dict(spec.axes_to_perm, **{"head.bias": (None, None)}))
     with pytest.raises(SpecError, match=r"'head.bias' lists 2 axes but the tensor has 1"):
         wrong_rank.check(state)
     ghost = PermutationSpec(dict(spec.axes_to_perm, **{"ghost.weight": ("P0",)}))
-    with pytest.raises(SpecError, match=r"spec names keys the state dict lacks: \['ghost.weight'\]"):
+    with pytest.raises(
+        SpecError, match=r"spec names keys the state dict lacks: \['ghost.weight'\]"
+    ):
         ghost.check(state)
     # P0 acts on 64 outputs of layer 0 but, wrongly, on the 48 inputs of layer 2.
     mixed = PermutationSpec(dict(spec.axes_to_perm, **{"layers.2.weight": ("P2", "P0")}))
-    with pytest.raises(SpecError, match=r"permutation 'P0': axis 0 of 'layers.0.weight' has 64 entries, not a multiple "
-        r"of the permutation's size 48"):
+    with pytest.raises(
+        SpecError,
+        match=r"permutation 'P0': axis 0 of 'layers.0.weight' has 64 entries, not a multiple "
+        r"of the permutation's size 48",
+    ):
         mixed.check(state)
 
 
@@ -257,12 +270,19 @@ def test_bad_warm_start_and_max_iter(mlp_case) -> None:
 def test_hand_written_spec_in_a_few_lines() -> None:
     """A two-layer conv net, spec by hand with the builders, round-trips exactly."""
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 5),
     ).eval()
     spec = PermutationSpec(
-        conv("0", None, "P0") | norm("1", "P0", running_stats=True)
-        | conv("3", "P0", "P1") | linear("6", "P1", None)
+        conv("0", None, "P0")
+        | norm("1", "P0", running_stats=True)
+        | conv("3", "P0", "P1")
+        | linear("6", "P1", None)
     )
     state = net.state_dict()
     spec.check(state)
