@@ -5,7 +5,7 @@ Find permutations ``pi`` of model B's hidden units that maximise
 descent: for one permutation ``P`` at a time, with all others fixed, the objective is linear
 in ``P`` and its maximiser is a linear assignment problem on
 
-    S_P = sum over (w, axis) that P touches of  A_w[axis -> rows] @ pi_without_P(B_w)[axis -> rows]^T
+    S_P = sum over (w, axis) touched by P of  A_w[axis -> rows] @ pi_not_P(B_w)[axis -> rows]^T
 
 Permutations are visited in a seeded random order; the descent stops after a sweep that did
 not raise the objective, or after ``max_iter`` sweeps.
@@ -27,8 +27,13 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from rebasin.permute import Perms, apply_permutation, identity_perms, permute_axis
-from rebasin.permute import validate_state_dict
+from rebasin.permute import (
+    Perms,
+    apply_permutation,
+    identity_perms,
+    permute_axis,
+    validate_state_dict,
+)
 from rebasin.spec import PermutationSpec, SpecError, is_running_stat
 
 # A step counts as progress only if it raises the objective by more than this (relative to
