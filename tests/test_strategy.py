@@ -1,0 +1,524 @@
+"""ReBasinFedAvg (Message API): exactness against FedAvg, alignment, robustness, warm start.
+
+Unit tests: replies are built as Flower ``Message`` objects in memory, no network.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import pytest
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.exception import InconsistentMessageReplies
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+from pydantic import ValidationError
+from torch import nn
+
+from rebasin.models import MLP, VGG
+from rebasin.permute import apply_permutation, random_perms
+from rebasin.spec import SpecError
+from strategies import ReBasinFedAvg
+
+StateDict = dict[str, torch.Tensor]
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages read the run and node of the running ServerApp; pretend to be one."""
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+
+
+def _mlp(seed: int) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(in_features=20, hidden=(32, 32), num_classes=5)
+
+
+def _sd(model: nn.Module) -> StateDict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+SPEC = _mlp(0).permutation_spec()
+
+
+def _permuted(state_dict: StateDict, seed: int) -> StateDict:
+    """A permuted copy (cloned: apply_permutation shares the tensors it does not move)."""
+    permuted = apply_permutation(SPEC, random_perms(SPEC, state_dict, seed), state_dict)
+    return {k: v.clone() for k, v in permuted.items()}
+
+
+def _instruction(node_id: int) -> Message:
+    return Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
+
+
+def _reply(node_id: int, state_dict: StateDict, num_examples: object = 10, **metrics) -> Message:
+    metric_record = MetricRecord({"loss": 0.5 + node_id / 100, **metrics})
+    if num_examples is not None:
+        metric_record["num-examples"] = num_examples
+    content = RecordDict({"arrays": ArrayRecord(state_dict), "metrics": metric_record})
+    return Message(content, reply_to=_instruction(node_id))
+
+
+def _strategy(global_sd: StateDict, **kwargs) -> ReBasinFedAvg:
+    kwargs.setdefault("min_train_nodes", 2)
+    strategy = ReBasinFedAvg(model=_mlp(0), device="cpu", **kwargs)
+    strategy.set_global_arrays(ArrayRecord(global_sd))
+    return strategy
+
+
+def _tensors(arrays: ArrayRecord) -> StateDict:
+    return dict(arrays.to_torch_state_dict())
+
+
+def _assert_equal(a: StateDict, b: StateDict) -> None:
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+def _assert_close(a: StateDict, b: StateDict, atol: float = 1e-6) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+class _FakeGrid:
+    """A Grid stand-in: fixed node ids; each node answers with ``client(node_id, message)``."""
+
+    def __init__(self, node_ids: list[int], client: Callable[[int, Message], Message]) -> None:
+        self.node_ids = node_ids
+        self.client = client
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
+        return [self.client(m.metadata.dst_node_id, m) for m in messages]
+
+
+# --- exactness against FedAvg --------------------------------------------------------------
+
+
+def test_identical_models_equal_fedavg_exactly() -> None:
+    # Weights whose factors w/W are not dyadic: FedAvg's float32 sum then differs from the
+    # common model in the last bit of many entries; ours must reproduce FedAvg, not the model.
+    model = _sd(_mlp(1))
+    replies = [_reply(n, model, w) for n, w in [(1, 50), (2, 70), (3, 30)]]
+    strategy = _strategy(model)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    fed_arrays, fed_metrics = FedAvg().aggregate_train(1, replies)
+    assert any(not torch.equal(v, model[k]) for k, v in _tensors(fed_arrays).items())
+    _assert_equal(_tensors(arrays), _tensors(fed_arrays))
+    assert dict(metrics) == dict(fed_metrics)
+    assert all(a.sweeps == 1 for a in strategy.last_round.alignments.values())
+    assert strategy.last_objective_gains == {1: 0.0, 2: 0.0, 3: 0.0}
+
+
+def test_identical_models_with_reference_largest_equal_fedavg_exactly() -> None:
+    model = _sd(_mlp(1))
+    replies = [_reply(n, model, w) for n, w in [(1, 50), (2, 70), (3, 30)]]
+    strategy = _strategy(_sd(_mlp(9)), reference="largest")  # global unrelated to clients
+    arrays, _ = strategy.aggregate_train(1, replies)
+    _assert_equal(_tensors(arrays), _tensors(FedAvg().aggregate_train(1, replies)[0]))
+    assert strategy.last_round.alignments[2].sweeps == 0  # node 2 is the reference
+
+
+def test_identical_models_far_from_global_are_permuted_alike() -> None:
+    # Every client gets the same matching seed, so identical models get identical permutations
+    # and the result is exactly FedAvg's, permuted into the global model's basin.
+    model = _sd(_mlp(1))
+    replies = [_reply(n, model, w) for n, w in [(1, 50), (2, 70), (3, 30)]]
+    strategy = _strategy(_sd(_mlp(9)))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    perms = strategy.last_perms
+    for node in (2, 3):
+        for p in perms[1]:
+            assert torch.equal(perms[node][p], perms[1][p])
+    assert not all(torch.equal(t, torch.arange(t.numel())) for t in perms[1].values())
+    fedavg = _tensors(FedAvg().aggregate_train(1, replies)[0])
+    _assert_equal(_tensors(arrays), apply_permutation(SPEC, perms[1], fedavg))
+
+
+def test_clients_near_the_global_model_keep_identity_perms() -> None:
+    # Round 1 of ordinary FL: every client trained a little from the global model.
+    global_sd = _sd(_mlp(1))
+    gen = torch.Generator().manual_seed(0)
+    replies = [
+        _reply(n, {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in global_sd.items()})
+        for n in (1, 2, 3)
+    ]
+    strategy = _strategy(global_sd)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    for alignment in strategy.last_round.alignments.values():
+        assert all(torch.equal(t, torch.arange(t.numel())) for t in alignment.perms.values())
+        assert alignment.sweeps == 1 and alignment.objective_gain == 0.0
+    _assert_equal(_tensors(arrays), _tensors(FedAvg().aggregate_train(1, replies)[0]))
+
+
+# --- alignment ----------------------------------------------------------------------------
+
+
+def test_permuted_copies_merge_back_to_the_original() -> None:
+    original = _sd(_mlp(1))
+    replies = [_reply(n, _permuted(original, seed=n), 10 * n) for n in (1, 2, 3)]
+    strategy = _strategy(original)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    _assert_close(_tensors(arrays), original)
+    # Naive averaging of the same replies is far from the original.
+    fedavg = _tensors(FedAvg().aggregate_train(1, replies)[0])
+    assert (fedavg["layers.0.weight"] - original["layers.0.weight"]).abs().max() > 0.1
+    for n in (1, 2, 3):
+        aligned = apply_permutation(SPEC, strategy.last_perms[n], _permuted(original, seed=n))
+        _assert_equal(aligned, original)
+        assert strategy.last_objective_gains[n] > 0
+        assert strategy.last_round.alignments[n].sweeps >= 2
+    assert set(strategy.warm_starts) == {1, 2, 3}
+
+
+def test_batchnorm_model_merges_running_stats_and_keeps_integer_buffers() -> None:
+    torch.manual_seed(3)
+    model = VGG(cfg=(8, "M", 16, "M"), norm="batch")
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.num_batches_tracked.fill_(7)
+    original = _sd(model)
+    spec = model.permutation_spec()
+    replies = []
+    for n in (1, 2):
+        perms = random_perms(spec, original, seed=n)
+        replies.append(_reply(n, apply_permutation(spec, perms, original), 10 * n))
+    strategy = ReBasinFedAvg(model=model, device="cpu")
+    strategy.set_global_arrays(ArrayRecord(original))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    merged = _tensors(arrays)
+    _assert_close(merged, original, atol=1e-5)
+    tracked = [k for k in merged if k.endswith("num_batches_tracked")]
+    assert tracked and all(merged[k].dtype == torch.int64 and int(merged[k]) == 7 for k in tracked)
+
+
+def test_reference_largest_merges_into_the_largest_clients_basin() -> None:
+    original = _sd(_mlp(1))
+    weights = {1: 10, 2: 50, 3: 20}
+    replies = [_reply(n, _permuted(original, seed=n), w) for n, w in weights.items()]
+    strategy = _strategy(_sd(_mlp(9)), reference="largest")
+    arrays, _ = strategy.aggregate_train(1, replies)
+    _assert_close(_tensors(arrays), _permuted(original, seed=2))
+    reference = strategy.last_round.alignments[2]
+    assert reference.sweeps == 0
+    assert all(torch.equal(t, torch.arange(t.numel())) for t in reference.perms.values())
+
+
+def test_reference_largest_skips_an_invalid_largest_reply(caplog) -> None:
+    original = _sd(_mlp(1))
+    bad = _permuted(original, seed=2)
+    bad["head.bias"][0] = float("nan")
+    replies = [
+        _reply(1, _permuted(original, seed=1), 10),
+        _reply(2, bad, 50),
+        _reply(3, _permuted(original, seed=3), 20),
+    ]
+    strategy = _strategy(_sd(_mlp(9)), reference="largest")
+    arrays, _ = strategy.aggregate_train(1, replies)
+    _assert_close(_tensors(arrays), _permuted(original, seed=3))
+    assert strategy.last_round.valid == [1, 3]
+    assert "non-finite" in strategy.last_round.dropped[2]
+
+
+def test_merge_many_recovers_a_function_equal_model() -> None:
+    original_model = _mlp(1).eval()
+    original = _sd(original_model)
+    replies = [_reply(n, _permuted(original, seed=n), 10 * n) for n in (1, 2, 3)]
+    strategy = _strategy(_sd(_mlp(9)), reference="merge-many")
+    arrays, _ = strategy.aggregate_train(1, replies)
+    merged_model = _mlp(0).eval()
+    merged_model.load_state_dict(_tensors(arrays))
+    x = torch.randn(16, 20, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged_model(x), original_model(x), atol=1e-5, rtol=0)
+    assert strategy.last_round.valid == [1, 2, 3]
+    assert strategy.last_round.alignments == {}
+
+
+# --- warm start ----------------------------------------------------------------------------
+
+
+def test_warm_start_is_stored_per_node_and_reused() -> None:
+    original = _sd(_mlp(1))
+    own_basin = _permuted(original, seed=5)  # a client that keeps its own model between rounds
+    strategy = _strategy(original, min_train_nodes=1)
+    arrays, _ = strategy.aggregate_train(1, [_reply(7, own_basin)])
+    first = strategy.last_round.alignments[7]
+    assert first.sweeps >= 2 and not first.warm_start
+    assert set(strategy.warm_starts) == {7}
+
+    strategy.set_global_arrays(arrays)
+    strategy.aggregate_train(2, [_reply(7, own_basin)])
+    second = strategy.last_round.alignments[7]
+    assert second.warm_start and second.sweeps == 1  # started at the optimum
+    for p, perm in first.perms.items():
+        assert torch.equal(second.perms[p], perm)
+    assert second.objective_gain == pytest.approx(first.objective_gain, rel=1e-5)
+
+
+def test_stale_warm_start_is_ignored_when_the_client_restarted_from_global() -> None:
+    original = _sd(_mlp(1))
+    strategy = _strategy(original, min_train_nodes=1)
+    arrays, _ = strategy.aggregate_train(1, [_reply(7, _permuted(original, seed=5))])
+    strategy.set_global_arrays(arrays)
+    # Round 2: the client trained from the new global model, which identity aligns best.
+    strategy.aggregate_train(2, [_reply(7, _tensors(arrays))])
+    alignment = strategy.last_round.alignments[7]
+    assert not alignment.warm_start and alignment.sweeps == 1
+    assert all(torch.equal(t, torch.arange(t.numel())) for t in alignment.perms.values())
+
+
+# --- robustness -----------------------------------------------------------------------------
+
+
+def _set_nan(sd: StateDict) -> Message:
+    sd["layers.1.weight"][3, 4] = float("nan")
+    return _reply(99, sd)
+
+
+def _set_inf(sd: StateDict) -> Message:
+    sd["head.bias"][0] = float("inf")
+    return _reply(99, sd)
+
+
+def _drop_key(sd: StateDict) -> Message:
+    del sd["layers.0.bias"]
+    return _reply(99, sd)
+
+
+def _add_key(sd: StateDict) -> Message:
+    sd["extra.weight"] = torch.zeros(3)
+    return _reply(99, sd)
+
+
+def _reshape(sd: StateDict) -> Message:
+    sd["head.weight"] = torch.zeros(6, 32)
+    return _reply(99, sd)
+
+
+def _retype(sd: StateDict) -> Message:
+    sd["head.weight"] = sd["head.weight"].double()
+    return _reply(99, sd)
+
+
+def _error_reply(sd: StateDict) -> Message:
+    return Message(Error(code=3, reason="client crashed"), reply_to=_instruction(99))
+
+
+def _no_arrays(sd: StateDict) -> Message:
+    content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "loss": 0.1})})
+    return Message(content, reply_to=_instruction(99))
+
+
+BAD_REPLIES = {
+    "nan": (_set_nan, "'layers.1.weight' has 1 non-finite values"),
+    "inf": (_set_inf, "'head.bias' has 1 non-finite values"),
+    "missing-key": (_drop_key, "missing keys ['layers.0.bias']"),
+    "extra-key": (_add_key, "unexpected keys ['extra.weight']"),
+    "wrong-shape": (_reshape, "'head.weight' has shape (6, 32), expected (5, 32)"),
+    "wrong-dtype": (_retype, "'head.weight' has dtype torch.float64, expected torch.float32"),
+    "no-num-examples": (lambda sd: _reply(99, sd, None), "no 'num-examples' in its metrics"),
+    "zero-num-examples": (lambda sd: _reply(99, sd, 0), "'num-examples' must be positive"),
+    "list-num-examples": (lambda sd: _reply(99, sd, [1, 2]), "must be a single number"),
+    "error-reply": (_error_reply, "error reply (code 3): client crashed"),
+    "no-arrayrecord": (_no_arrays, "no ArrayRecord in the reply"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_REPLIES))
+def test_bad_reply_is_dropped_with_a_log_line_and_the_rest_merged(kind, caplog) -> None:
+    make_bad, problem = BAD_REPLIES[kind]
+    original = _sd(_mlp(1))
+    good = [_reply(n, _permuted(original, seed=n), 10 * n) for n in (1, 2, 3)]
+    bad = make_bad(_permuted(original, seed=4))
+    replies = [good[0], bad, good[1], good[2]]  # the bad one in the middle of the stream
+    strategy = _strategy(original)
+    with caplog.at_level(logging.INFO):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    _assert_close(_tensors(arrays), original)
+    assert strategy.last_round.valid == [1, 2, 3]
+    assert problem in strategy.last_round.dropped[99]
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1
+    assert "node 99" in warnings[0] and problem in warnings[0]
+    # Metrics come from the valid replies only, weighted by their examples.
+    expected_loss = (0.51 * 10 + 0.52 * 20 + 0.53 * 30) / 60
+    assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-12)
+    assert set(strategy.warm_starts) == {1, 2, 3}
+
+
+def test_flowers_fedavg_stops_on_the_same_reply_where_ours_goes_on() -> None:
+    original = _sd(_mlp(1))
+    replies = [_reply(1, original), _drop_key(_sd(_mlp(1))), _reply(2, original)]
+    with pytest.raises(InconsistentMessageReplies):
+        FedAvg().aggregate_train(1, replies)
+    arrays, _ = _strategy(original).aggregate_train(1, replies)
+    assert arrays is not None
+
+
+def test_too_few_valid_replies_keep_the_previous_global_model(caplog) -> None:
+    original = _sd(_mlp(1))
+    previous = ArrayRecord(original)
+    strategy = ReBasinFedAvg(model=_mlp(0), device="cpu", min_train_nodes=3)
+    strategy.set_global_arrays(previous)
+    replies = [_reply(1, _permuted(original, 1)), _set_nan(_sd(_mlp(2))), _reply(2, original)]
+    with caplog.at_level(logging.INFO):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is previous
+    assert strategy.last_round.kept_previous and strategy.last_round.valid == []
+    assert metrics is None
+    assert strategy.warm_starts == {}
+    warnings = _warnings(caplog)
+    assert len(warnings) == 2
+    assert "node 99" in warnings[0]
+    assert (
+        "Keeping the previous global model: 2 valid replies of 3, fewer than the 3" in warnings[1]
+    )
+
+
+def test_no_replies_at_all_keep_the_previous_global_model() -> None:
+    previous = ArrayRecord(_sd(_mlp(1)))
+    strategy = ReBasinFedAvg(model=_mlp(0), device="cpu")
+    strategy.set_global_arrays(previous)
+    assert strategy.aggregate_train(1, []) == (previous, None)
+
+
+def test_evaluate_drops_bad_replies_where_fedavg_stops() -> None:
+    def eval_reply(node: int, metrics: dict) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=_instruction(node))
+
+    good = [
+        eval_reply(1, {"num-examples": 10, "acc": 0.5}),
+        eval_reply(2, {"num-examples": 30, "acc": 0.9}),
+    ]
+    bad = eval_reply(3, {"acc": 0.1})
+    with pytest.raises(InconsistentMessageReplies):
+        FedAvg().aggregate_evaluate(1, [*good, bad])
+    strategy = ReBasinFedAvg(model=_mlp(0), device="cpu")
+    metrics = strategy.aggregate_evaluate(1, [good[0], bad, good[1]])
+    assert dict(metrics) == dict(FedAvg().aggregate_evaluate(1, good))
+    assert metrics["acc"] == pytest.approx(0.8)
+
+
+# --- set-up and the whole loop -------------------------------------------------------------
+
+
+def test_constructor_validates_its_arguments() -> None:
+    with pytest.raises(ValueError, match="give model= .* or spec="):
+        ReBasinFedAvg()
+    with pytest.raises(ValidationError, match="reference"):
+        ReBasinFedAvg(model=_mlp(0), reference="median")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="max_iter"):
+        ReBasinFedAvg(model=_mlp(0), max_iter=0)
+    with pytest.raises(ValidationError, match="unknown torch device"):
+        ReBasinFedAvg(model=_mlp(0), device="abacus")
+    with pytest.raises(SpecError):
+        ReBasinFedAvg(model=nn.Linear(3, 2), spec=SPEC)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert ReBasinFedAvg(model=_mlp(0)).options.torch_device.type == expected
+
+
+def test_spec_is_traced_from_a_model_without_a_hand_written_one() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    strategy = ReBasinFedAvg(model=model, device="cpu")
+    assert strategy.spec.canonical() == frozenset(
+        {frozenset({("0.weight", 0), ("0.bias", 0), ("2.weight", 1)})}
+    )
+
+
+def test_global_model_must_fit_the_spec() -> None:
+    strategy = ReBasinFedAvg(model=_mlp(0), device="cpu")
+    with pytest.raises(SpecError, match="global model does not fit"):
+        strategy.set_global_arrays(
+            ArrayRecord(_sd(MLP(in_features=20, hidden=(32,), num_classes=5)))
+        )
+    with pytest.raises(RuntimeError, match="configure_train"):
+        strategy.aggregate_train(1, [_reply(1, _sd(_mlp(1)))])
+
+
+def test_start_runs_rounds_through_a_grid_and_survives_a_broken_node(caplog) -> None:
+    """Strategy.start with an in-memory grid: node 3 always returns NaN weights."""
+    original = _sd(_mlp(1))
+
+    def client(node_id: int, message: Message) -> Message:
+        received = _tensors(message.content["arrays"])
+        if message.metadata.message_type == MessageType.EVALUATE:
+            metrics = MetricRecord({"num-examples": 5, "acc": float(node_id)})
+            return Message(RecordDict({"metrics": metrics}), reply_to=message)
+        # "Training" lands in a node-specific basin: a permuted copy of the original.
+        trained = _permuted(original, seed=node_id)
+        if node_id == 3:
+            trained["head.bias"][:] = float("nan")
+        assert set(received) == set(original)
+        return _reply_to(message, trained, 10 * node_id)
+
+    def _reply_to(message: Message, sd: StateDict, n: int) -> Message:
+        content = RecordDict(
+            {"arrays": ArrayRecord(sd), "metrics": MetricRecord({"num-examples": n})}
+        )
+        return Message(content, reply_to=message)
+
+    strategy = ReBasinFedAvg(model=_mlp(0), device="cpu", min_available_nodes=3)
+    grid = _FakeGrid([1, 2, 3], client)
+    with caplog.at_level(logging.INFO):
+        result = strategy.start(
+            grid=grid,  # type: ignore[arg-type]
+            initial_arrays=ArrayRecord(original),
+            num_rounds=2,
+            train_config=ConfigRecord({"lr": 0.1}),
+        )
+    _assert_close(_tensors(result.arrays), original)
+    assert sorted(strategy.last_round.valid) == [1, 2]
+    assert sorted(result.evaluate_metrics_clientapp) == [1, 2]
+    dropped = [w for w in _warnings(caplog) if "node 3" in w]
+    assert len(dropped) == 2 and all("non-finite" in w for w in dropped)
+    # Round 2: both nodes still sent their own basin, so the stored warm start was used.
+    assert all(a.warm_start and a.sweeps == 1 for a in strategy.last_round.alignments.values())
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reference", ["global", "largest", "merge-many"])
+def test_every_reference_on_every_device_recovers_the_original(device, reference) -> None:
+    """Matching runs on ``device``; the merged model comes back as CPU arrays."""
+    original_model = _mlp(1).eval()
+    original = _sd(original_model)
+    replies = [_reply(n, _permuted(original, seed=n), 10 * n) for n in (1, 2, 3)]
+    strategy = ReBasinFedAvg(model=_mlp(0), device=device, reference=reference)
+    strategy.set_global_arrays(ArrayRecord(original if reference == "global" else _sd(_mlp(9))))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    merged_model = _mlp(0).eval()
+    merged_model.load_state_dict(_tensors(arrays))
+    x = torch.randn(16, 20, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged_model(x), original_model(x), atol=1e-5, rtol=0)
+    assert strategy.last_round.valid == [1, 2, 3]

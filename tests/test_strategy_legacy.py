@@ -1,0 +1,183 @@
+"""ReBasinFedAvgLegacy (legacy ``aggregate_fit`` API): the same merge and robustness."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from flwr.common import (
+    Code,
+    FitRes,
+    Parameters,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import FedAvg
+from torch import nn
+
+from rebasin.models import MLP
+from rebasin.permute import apply_permutation, random_perms
+from strategies import ReBasinFedAvgLegacy
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _mlp(seed: int) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(in_features=20, hidden=(32, 32), num_classes=5)
+
+
+MODEL = _mlp(0)
+SPEC = MODEL.permutation_spec()
+KEYS = list(MODEL.state_dict())
+
+
+def _sd(model: nn.Module) -> StateDict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _permuted(state_dict: StateDict, seed: int) -> StateDict:
+    permuted = apply_permutation(SPEC, random_perms(SPEC, state_dict, seed), state_dict)
+    return {k: v.clone() for k, v in permuted.items()}
+
+
+def _params(state_dict: StateDict) -> Parameters:
+    return ndarrays_to_parameters([state_dict[k].numpy() for k in KEYS])
+
+
+def _result(node_id: int, params: Parameters, num_examples: int = 10, code: Code = Code.OK):
+    proxy = GridClientProxy(node_id, grid=None, run_id=1)  # type: ignore[arg-type]
+    res = FitRes(
+        Status(code, "ok" if code == Code.OK else "fit failed"),
+        params,
+        num_examples,
+        {"loss": float(node_id)},
+    )
+    return proxy, res
+
+
+def _tensors(params: Parameters) -> StateDict:
+    return {k: torch.from_numpy(a) for k, a in zip(KEYS, parameters_to_ndarrays(params))}
+
+
+def _strategy(global_sd: StateDict, **kwargs) -> ReBasinFedAvgLegacy:
+    strategy = ReBasinFedAvgLegacy(model=MODEL, device="cpu", **kwargs)
+    strategy.set_global_parameters(_params(global_sd))
+    return strategy
+
+
+def _weighted_loss(metrics: list[tuple[int, dict]]) -> dict:
+    total = sum(n for n, _ in metrics)
+    return {"loss": sum(n * m["loss"] for n, m in metrics) / total}
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_identical_models_equal_legacy_fedavg_exactly() -> None:
+    model = _sd(_mlp(1))
+    results = [_result(n, _params(model), w) for n, w in [(1, 50), (2, 70), (3, 30)]]
+    strategy = _strategy(model)
+    params, _ = strategy.aggregate_fit(1, results, [])
+    fedavg, _ = FedAvg().aggregate_fit(
+        1, [_result(n, _params(model), w) for n, w in [(1, 50), (2, 70), (3, 30)]], []
+    )
+    ours, theirs = _tensors(params), _tensors(fedavg)
+    assert any(not torch.equal(v, model[k]) for k, v in theirs.items())  # FedAvg rounds
+    for key in KEYS:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_permuted_copies_merge_back_to_the_original() -> None:
+    original = _sd(_mlp(1))
+    results = [_result(n, _params(_permuted(original, n)), 10 * n) for n in (1, 2, 3)]
+    strategy = _strategy(original, fit_metrics_aggregation_fn=_weighted_loss)
+    params, metrics = strategy.aggregate_fit(1, results, [])
+    merged = _tensors(params)
+    for key in KEYS:
+        torch.testing.assert_close(merged[key], original[key], atol=1e-6, rtol=0)
+    assert metrics == {"loss": pytest.approx((10 + 40 + 90) / 60)}
+    assert set(strategy.warm_starts) == {"1", "2", "3"}
+    assert all(g > 0 for g in strategy.last_round.objective_gains.values())
+
+
+@pytest.mark.parametrize(
+    ("kind", "problem"),
+    [
+        ("nan", "'layers.0.weight' has 1 non-finite values"),
+        ("count", "7 arrays sent, the model has 6"),
+        ("dtype", "'head.weight' has dtype torch.float64, expected torch.float32"),
+        ("zero-examples", "'num_examples' must be positive"),
+        ("status", "status FIT_NOT_IMPLEMENTED: fit failed"),
+    ],
+)
+def test_bad_result_is_dropped_with_a_log_line(kind, problem, caplog) -> None:
+    original = _sd(_mlp(1))
+    bad = _permuted(original, 4)
+    num_examples, code = 10, Code.OK
+    arrays = [bad[k].numpy() for k in KEYS]
+    if kind == "nan":
+        arrays[0][2, 3] = np.nan
+    elif kind == "count":
+        arrays.append(np.zeros(3, dtype=np.float32))
+    elif kind == "dtype":
+        arrays[KEYS.index("head.weight")] = arrays[KEYS.index("head.weight")].astype(np.float64)
+    elif kind == "zero-examples":
+        num_examples = 0
+    else:
+        code = Code.FIT_NOT_IMPLEMENTED
+    results = [_result(n, _params(_permuted(original, n)), 10 * n) for n in (1, 2)]
+    results.insert(1, _result(99, ndarrays_to_parameters(arrays), num_examples, code))
+    strategy = _strategy(original, fit_metrics_aggregation_fn=_weighted_loss)
+    with caplog.at_level(logging.INFO):
+        params, metrics = strategy.aggregate_fit(1, results, [])
+    merged = _tensors(params)
+    for key in KEYS:
+        torch.testing.assert_close(merged[key], original[key], atol=1e-6, rtol=0)
+    assert metrics == {"loss": pytest.approx((10 + 40) / 30)}
+    assert strategy.last_round.valid == ["1", "2"]
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "node 99" in warnings[0] and problem in warnings[0]
+
+
+def test_too_few_valid_results_keep_the_previous_parameters(caplog) -> None:
+    original = _sd(_mlp(1))
+    strategy = _strategy(original, min_fit_clients=2)
+    previous = strategy._global_parameters
+    nan = _permuted(original, 2)
+    nan["head.bias"][0] = float("inf")
+    results = [_result(1, _params(original)), _result(2, _params(nan))]
+    with caplog.at_level(logging.INFO):
+        params, _ = strategy.aggregate_fit(1, results, [])
+    assert params is previous
+    assert strategy.last_round.kept_previous
+    assert "1 valid replies of 2, fewer than the 2" in _warnings(caplog)[-1]
+
+
+def test_failures_are_logged_and_refused_when_not_accepted(caplog) -> None:
+    original = _sd(_mlp(1))
+    results = [_result(n, _params(original)) for n in (1, 2)]
+    strategy = _strategy(original, accept_failures=False)
+    with caplog.at_level(logging.INFO):
+        params, metrics = strategy.aggregate_fit(1, results, [TimeoutError("node 5 timed out")])
+    assert params is strategy._global_parameters and metrics == {}
+    assert any("TimeoutError: node 5 timed out" in w for w in _warnings(caplog))
+    accepting = _strategy(original)
+    params, _ = accepting.aggregate_fit(1, results, [TimeoutError("late")])
+    assert accepting.last_round.valid == ["1", "2"]
+
+
+def test_keys_are_required_without_a_model() -> None:
+    with pytest.raises(ValueError, match="state_dict_keys="):
+        ReBasinFedAvgLegacy(spec=SPEC)
+    with pytest.raises(ValueError, match=r"missing \['head.bias'\]"):
+        ReBasinFedAvgLegacy(spec=SPEC, state_dict_keys=KEYS[:-1])
+    strategy = ReBasinFedAvgLegacy(spec=SPEC, state_dict_keys=KEYS, min_fit_clients=3)
+    assert strategy.keys == KEYS and strategy.min_fit_clients == 3
+    with pytest.raises(RuntimeError, match="configure_fit"):
+        strategy.aggregate_fit(1, [], [])
