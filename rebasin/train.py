@@ -76,7 +76,7 @@ def train(
             opt.step()
             if sched is not None:
                 sched.step()
-            total += float(loss) * len(y)
+            total += loss.item() * len(y)
             count += len(y)
             if task is not None:
                 progress.advance(task)  # type: ignore[union-attr]

@@ -1,0 +1,287 @@
+"""One-shot merging: clients train apart from their own initialisations, the server merges once.
+
+This is the US/EU scenario: data that may not be pooled, one model per region, one merge.
+Compared: each client alone, naive averaging, re-basin to a reference, re-basin MergeMany,
+re-basin with activation repair (federated BatchNorm statistics, or REPAIR for models
+without BatchNorm), the logit ensemble (an upper bound that keeps every model), and
+optionally centralised training on the pooled data.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from rich.progress import Progress
+from torch import nn
+
+from rebasin.data import LabeledData, load_dataset
+from rebasin.merge import average, interpolation_curve, merge_many, merge_to_reference
+from rebasin.norm import (
+    batchnorm_stats,
+    combine_batchnorm_stats,
+    has_batchnorm,
+    load_batchnorm_stats,
+    repair,
+)
+from rebasin.partition import dirichlet_split, pathological_split, region_split
+from rebasin.spec import PermutationSpec, StateDict
+from rebasin.train import evaluate, predict_logits, train
+from rebasin.zoo import build_model
+
+logger = logging.getLogger(__name__)
+
+Partition = Literal["region", "dirichlet", "pathological"]
+
+
+class OneShotConfig(BaseModel):
+    """Settings of a one-shot experiment (validated; every field is in the results JSON)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: Literal["mnist", "cifar10"] = "mnist"
+    model: Literal["mlp", "vgg", "resnet20"] = "mlp"
+    width: float = Field(1.0, gt=0)
+    norm: Literal["batch", "layer", "none"] = "batch"
+    partition: Partition = "region"
+    num_clients: int = Field(2, ge=1)
+    own_fraction: float = Field(0.8, gt=0, le=1)
+    alpha: float = Field(0.5, gt=0)
+    classes_per_client: int = Field(2, ge=1)
+    epochs: int = Field(5, ge=1)
+    lr: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    weight_decay: float = Field(5e-4, ge=0)
+    batch_size: int = Field(128, ge=1)
+    limit_per_class: int | None = Field(None, ge=1)
+    test_limit_per_class: int | None = Field(None, ge=1)
+    centralized: bool = True
+    repair_batches: int = Field(20, ge=1)
+    lambdas: int = Field(11, ge=2)
+    max_iter: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> OneShotConfig:
+        if self.model != "mlp" and self.dataset == "mnist":
+            raise ValueError(f"model {self.model!r} needs 3x32x32 images; use mlp for mnist")
+        return self
+
+
+def split_clients(cfg: OneShotConfig, labels: torch.Tensor, seed: int) -> list[np.ndarray]:
+    """Index arrays, one per client, by the configured partitioner."""
+    if cfg.partition == "region":
+        return region_split(labels, cfg.num_clients, cfg.own_fraction, seed)
+    if cfg.partition == "dirichlet":
+        return dirichlet_split(labels, cfg.num_clients, cfg.alpha, seed)
+    return pathological_split(labels, cfg.num_clients, cfg.classes_per_client, seed)
+
+
+def _metrics(model: nn.Module, test: LabeledData, batch_size: int) -> dict:
+    logits, labels = predict_logits(model, test.loader(batch_size))
+    return _logit_metrics(logits, labels, test.num_classes)
+
+
+def _logit_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    loss = float(nn.functional.cross_entropy(logits, labels))
+    hit = logits.argmax(1) == labels
+    per_class = [
+        float(hit[labels == c].float().mean()) if bool((labels == c).any()) else float("nan")
+        for c in range(num_classes)
+    ]
+    return {"loss": loss, "accuracy": float(hit.float().mean()), "per_class_accuracy": per_class}
+
+
+def _load(template: nn.Module, state_dict: StateDict) -> nn.Module:
+    model = copy.deepcopy(template)
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+def spec_of(model: nn.Module) -> PermutationSpec:
+    """The model's hand-written spec if it has one, else one traced from the module."""
+    if hasattr(model, "permutation_spec"):
+        return model.permutation_spec()
+    from rebasin.trace import spec_from_module
+
+    return spec_from_module(model)
+
+
+def run_oneshot(
+    cfg: OneShotConfig,
+    seed: int,
+    data_dir: str | Path | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Run one seed of the one-shot experiment; return every metric as plain JSON data.
+
+    Client ``i`` is initialised from seed ``1000 * seed + i`` and sees only its shard.
+    """
+    torch.manual_seed(seed)
+    train_set = load_dataset(cfg.dataset, True, data_dir, limit_per_class=cfg.limit_per_class)
+    test_set = load_dataset(cfg.dataset, False, data_dir, limit_per_class=cfg.test_limit_per_class)
+    shards = split_clients(cfg, train_set.labels, seed)
+    sizes = [len(s) for s in shards]
+    if min(sizes) == 0:
+        raise ValueError(f"a client got no examples (shard sizes {sizes}); change the split")
+
+    def fresh(init_seed: int) -> nn.Module:
+        return build_model(cfg.model, cfg.dataset, width=cfg.width, norm=cfg.norm, seed=init_seed)
+
+    def fit(model: nn.Module, data: LabeledData, name: str, loader_seed: int) -> nn.Module:
+        train(
+            model,
+            data.loader(cfg.batch_size, shuffle=True, seed=loader_seed),
+            cfg.epochs,
+            cfg.lr,
+            optimizer=cfg.optimizer,
+            weight_decay=cfg.weight_decay,
+            progress=progress,
+            description=f"seed {seed}: {name}",
+        )
+        return model
+
+    clients = [
+        fit(fresh(1000 * seed + i), train_set.subset(idx), f"client {i}", 1000 * seed + i)
+        for i, idx in enumerate(shards)
+    ]
+    template = clients[0]
+    spec = spec_of(template)
+    states = [m.state_dict() for m in clients]
+    largest = int(np.argmax(sizes))
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        start = time.perf_counter()
+        out = fn()
+        timings[name] = time.perf_counter() - start
+        return out
+
+    merged: dict[str, StateDict] = {
+        "naive": timed("naive", lambda: average(states, sizes)),
+        "rebasin": timed(
+            "rebasin",
+            lambda: merge_to_reference(
+                spec, states, sizes, reference=largest, seed=seed, max_iter=cfg.max_iter
+            ),
+        ),
+        "merge-many": timed(
+            "merge-many",
+            lambda: merge_many(spec, states, sizes, seed=seed, max_iter=cfg.max_iter),
+        ),
+    }
+    models = {name: _load(template, sd) for name, sd in merged.items()}
+    # Activation repair. BatchNorm: statistics pooled from per-client moments, as the
+    # federated recalibration does. Without BatchNorm: REPAIR against the aligned clients.
+    repair_loaders = [
+        train_set.subset(idx).loader(cfg.batch_size, shuffle=True, seed=seed) for idx in shards
+    ]
+    for base in ("naive", "rebasin"):
+        model = copy.deepcopy(models[base])
+        if has_batchnorm(model):
+            stats = [batchnorm_stats(model, ld, cfg.repair_batches) for ld in repair_loaders]
+            models[f"{base}+bn-reset"] = load_batchnorm_stats(model, combine_batchnorm_stats(stats))
+        elif base == "rebasin":
+            aligned = _aligned_clients(spec, states, largest, seed, cfg.max_iter, template)
+            pooled = train_set.subset(np.concatenate(shards)).loader(
+                cfg.batch_size, shuffle=True, seed=seed
+            )
+            models["rebasin+repair"] = repair(model, aligned, pooled, sizes, cfg.repair_batches)
+
+    results: dict = {
+        "seed": seed,
+        "shard_sizes": sizes,
+        "shard_class_counts": [
+            np.bincount(train_set.labels[idx].numpy(), minlength=test_set.num_classes).tolist()
+            for idx in shards
+        ],
+        "clients": [_metrics(m, test_set, cfg.batch_size) for m in clients],
+        "methods": {name: _metrics(m, test_set, cfg.batch_size) for name, m in models.items()},
+        "merge_seconds": timings,
+    }
+    logits = [predict_logits(m, test_set.loader(cfg.batch_size)) for m in clients]
+    mean_logits = sum(w * lg for w, (lg, _) in zip(sizes, logits)) / sum(sizes)
+    results["methods"]["ensemble"] = _logit_metrics(mean_logits, logits[0][1], test_set.num_classes)
+    if cfg.centralized:
+        pooled_model = fit(
+            fresh(1000 * seed + 999),
+            train_set.subset(np.concatenate(shards)),
+            "centralized",
+            1000 * seed + 999,
+        )
+        results["methods"]["centralized"] = _metrics(pooled_model, test_set, cfg.batch_size)
+    if len(clients) >= 2:
+        results["interpolation"] = _interpolation(
+            cfg, spec, states, template, test_set, repair_loaders, seed
+        )
+    return results
+
+
+def _aligned_clients(
+    spec: PermutationSpec,
+    states: Sequence[StateDict],
+    reference: int,
+    seed: int,
+    max_iter: int,
+    template: nn.Module,
+) -> list[nn.Module]:
+    from rebasin.merge import align_to_reference
+
+    out = []
+    for i, sd in enumerate(states):
+        if i != reference:
+            sd, _ = align_to_reference(spec, states[reference], sd, seed=seed + i, max_iter=max_iter)
+        out.append(_load(template, sd))
+    return out
+
+
+def _interpolation(
+    cfg: OneShotConfig,
+    spec: PermutationSpec,
+    states: Sequence[StateDict],
+    template: nn.Module,
+    test_set: LabeledData,
+    loaders: Sequence,
+    seed: int,
+) -> dict:
+    """Loss and accuracy along the path from client 0 to client 1, naive and re-basin."""
+    from rebasin.merge import align_to_reference
+
+    a, b = states[0], states[1]
+    b_aligned, _ = align_to_reference(spec, a, b, seed=seed, max_iter=cfg.max_iter)
+    lambdas = np.linspace(0.0, 1.0, cfg.lambdas).tolist()
+    test_loader = test_set.loader(cfg.batch_size)
+
+    def evaluator(bn_reset: bool):
+        def evaluate_point(sd: StateDict) -> tuple[float, float]:
+            model = _load(template, sd)
+            if bn_reset:
+                stats = [batchnorm_stats(model, ld, cfg.repair_batches) for ld in loaders[:2]]
+                load_batchnorm_stats(model, combine_batchnorm_stats(stats))
+            result = evaluate(model, test_loader)
+            return result.loss, result.accuracy
+
+        return evaluate_point
+
+    curves = {
+        "naive": interpolation_curve(a, b, evaluator(False), lambdas),
+        "rebasin": interpolation_curve(a, b_aligned, evaluator(False), lambdas),
+    }
+    if has_batchnorm(template):
+        curves["rebasin+bn-reset"] = interpolation_curve(a, b_aligned, evaluator(True), lambdas)
+    return {
+        name: {
+            "lambdas": c.lambdas,
+            "loss": c.losses,
+            "accuracy": c.accuracies,
+            "loss_barrier": c.loss_barrier,
+            "accuracy_barrier": c.accuracy_barrier,
+        }
+        for name, c in curves.items()
+    }
