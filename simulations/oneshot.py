@@ -83,12 +83,18 @@ def split_clients(cfg: OneShotConfig, labels: torch.Tensor, seed: int) -> list[n
     return pathological_split(labels, cfg.num_clients, cfg.classes_per_client, seed)
 
 
-def _metrics(model: nn.Module, test: LabeledData, batch_size: int) -> dict:
+def model_metrics(model: nn.Module, test: LabeledData, batch_size: int) -> dict:
+    """Test loss, accuracy and per-class accuracy of ``model`` (see :func:`logit_metrics`)."""
     logits, labels = predict_logits(model, test.loader(batch_size))
-    return _logit_metrics(logits, labels, test.num_classes)
+    return logit_metrics(logits, labels, test.num_classes)
 
 
-def _logit_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+def logit_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """``{"loss", "accuracy", "per_class_accuracy"}`` of ``logits`` against ``labels``.
+
+    Mean cross-entropy, accuracy in [0, 1], and per class the accuracy on that class's
+    examples (NaN for a class with no example).
+    """
     loss = float(nn.functional.cross_entropy(logits, labels))
     hit = logits.argmax(1) == labels
     per_class = [
@@ -201,13 +207,17 @@ def run_oneshot(
             np.bincount(train_set.labels[idx].numpy(), minlength=test_set.num_classes).tolist()
             for idx in shards
         ],
-        "clients": [_metrics(m, test_set, cfg.batch_size) for m in clients],
-        "methods": {name: _metrics(m, test_set, cfg.batch_size) for name, m in models.items()},
+        "clients": [model_metrics(m, test_set, cfg.batch_size) for m in clients],
+        "methods": {
+            name: model_metrics(m, test_set, cfg.batch_size) for name, m in models.items()
+        },
         "merge_seconds": timings,
     }
     logits = [predict_logits(m, test_set.loader(cfg.batch_size)) for m in clients]
     mean_logits = sum(w * lg for w, (lg, _) in zip(sizes, logits)) / sum(sizes)
-    results["methods"]["ensemble"] = _logit_metrics(mean_logits, logits[0][1], test_set.num_classes)
+    results["methods"]["ensemble"] = logit_metrics(
+        mean_logits, logits[0][1], test_set.num_classes
+    )
     if cfg.centralized:
         pooled_model = fit(
             fresh(1000 * seed + 999),
@@ -215,7 +225,9 @@ def run_oneshot(
             "centralized",
             1000 * seed + 999,
         )
-        results["methods"]["centralized"] = _metrics(pooled_model, test_set, cfg.batch_size)
+        results["methods"]["centralized"] = model_metrics(
+            pooled_model, test_set, cfg.batch_size
+        )
     if len(clients) >= 2:
         results["interpolation"] = _interpolation(
             cfg, spec, states, template, test_set, repair_loaders, seed
@@ -236,7 +248,9 @@ def _aligned_clients(
     out = []
     for i, sd in enumerate(states):
         if i != reference:
-            sd, _ = align_to_reference(spec, states[reference], sd, seed=seed + i, max_iter=max_iter)
+            sd, _ = align_to_reference(
+                spec, states[reference], sd, seed=seed + i, max_iter=max_iter
+            )
         out.append(_load(template, sd))
     return out
 

@@ -1,0 +1,414 @@
+"""The ``rebasin simulate`` command: end-to-end outputs, report == JSON, validation at the edge.
+
+The end-to-end run is tiny (30 MNIST training examples per class, one epoch, an MLP of width
+0.125, two seeds, two federated rounds): the numbers are meaningless, the files and their
+agreement are what is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from typer.testing import CliRunner
+
+from simulations import cli
+from simulations.local_grid import FIRST_NODE_ID, LocalGrid, server_identity
+from simulations.results import class_homes, group_accuracy, sanitize, series_stat, stat
+
+runner = CliRunner()
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY = [
+    "simulate",
+    "--scenario", "us-eu",
+    "--dataset", "mnist",
+    "--model", "mlp",
+    "--width", "0.125",
+    "--epochs", "1",
+    "--batch-size", "32",
+    "--limit-per-class", "30",
+    "--test-limit-per-class", "30",
+    "--lambdas", "3",
+    "--max-iter", "20",
+]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+
+def parse_tables(markdown: str) -> dict[tuple[str, ...], list[list[str]]]:
+    """Every Markdown table of ``markdown``: header cells -> rows of cells."""
+    tables: dict[tuple[str, ...], list[list[str]]] = {}
+    lines = markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|:"):
+            header = tuple(c.strip() for c in lines[i].strip("|").split("|"))
+            rows = []
+            i += 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in lines[i].strip("|").split("|")])
+                i += 1
+            tables[header] = rows
+        else:
+            i += 1
+    return tables
+
+
+def cell(text: str) -> tuple[float, float]:
+    """``"12.34 ± 0.56"`` -> ``(12.34, 0.56)``."""
+    match = re.fullmatch(r"(-?\d+(?:\.\d+)?) ± (\d+(?:\.\d+)?)", text)
+    assert match, f"not a 'mean ± std' cell: {text!r}"
+    return float(match.group(1)), float(match.group(2))
+
+
+def assert_shown(text: str, entry: dict, scale: float, digits: int) -> None:
+    """The cell shows ``entry``'s mean and std (times ``scale``) to ``digits`` decimals."""
+    mean, std = cell(text)
+    half = 0.5 * 10**-digits + 1e-9
+    assert abs(mean - scale * entry["mean"]) <= half, (text, entry)
+    assert abs(std - scale * entry["std"]) <= half, (text, entry)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, dict, str]:
+    """One tiny ``--mode both`` run over two seeds: (results dir, results.json, report.md)."""
+    out = tmp_path_factory.mktemp("sim") / "tiny"
+    args = TINY + [
+        "--seeds", "0", "1",
+        "--mode", "both",
+        "--rounds", "2",
+        "--data-dir", str(data_dir),
+        "--out", str(out),
+    ]  # fmt: skip
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    return out, results, (out / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------
+# end to end
+
+
+def test_simulate_writes_json_report_and_plots(tiny_run: tuple[Path, dict, str]) -> None:
+    out, results, report = tiny_run
+    for name in ("interpolation.png", "per_class.png", "rounds.png", "per_class_rounds.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_SIGNATURE, name
+        assert len(data) > 5_000, name
+        assert f"]({name})" in report  # embedded in the report
+    assert results["format"] == "rebasin-simulate/1"
+    assert results["seeds"] == [0, 1]
+    config = results["config"]
+    assert config["scenario"] == "us-eu" and config["mode"] == "both"
+    assert config["experiment"]["partition"] == "region"
+    assert config["experiment"]["num_clients"] == 2
+    assert config["experiment"]["own_fraction"] == 0.8
+    assert config["multi_round"]["rounds"] == 2
+    assert config["multi_round"]["reference"] is None  # resolved to "largest" (independent)
+    runs = results["one_shot"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    for run in runs:
+        # 30 examples per class, 80/20 region split: 5 * 24 + 5 * 6 = 150 per region
+        assert run["shard_sizes"] == [150, 150]
+        assert run["shard_class_counts"][0] == [24] * 5 + [6] * 5
+        assert len(run["clients"]) == 2
+        assert set(run["methods"]) == {
+            "naive", "rebasin", "merge-many", "rebasin+repair", "ensemble", "centralized"
+        }  # fmt: skip
+        for metrics in [*run["clients"], *run["methods"].values()]:
+            assert 0.0 <= metrics["accuracy"] <= 1.0
+            assert len(metrics["per_class_accuracy"]) == 10
+        assert run["interpolation"]["naive"]["lambdas"] == [0.0, 0.5, 1.0]
+    # Both interpolation paths start at client 0 and end at client 1 (re-basin permutes
+    # client 1, which changes nothing about its function).
+    for run in runs:
+        for curve in run["interpolation"].values():
+            assert curve["accuracy"][0] == pytest.approx(run["clients"][0]["accuracy"])
+            assert curve["accuracy"][-1] == pytest.approx(run["clients"][1]["accuracy"], abs=1e-6)
+    rounds = results["multi_round"]["runs"]
+    assert [r["seed"] for r in rounds] == [0, 1]
+    for run in rounds:
+        assert run["rounds"] == [0, 1, 2]
+        assert set(run["strategies"]) == {"fedavg", "rebasin"}
+        for strategy in run["strategies"].values():
+            assert len(strategy["server"]["accuracy"]) == 3
+            assert strategy["clients"]["accuracy"][0] is None  # no client evaluation at round 0
+            assert all(a is not None for a in strategy["clients"]["accuracy"][1:])
+        # Same initial global model for both strategies.
+        fedavg, rebasin = run["strategies"]["fedavg"], run["strategies"]["rebasin"]
+        assert fedavg["server"]["loss"][0] == rebasin["server"]["loss"][0]
+        # Independent start: round 1 trains the same client models under both strategies.
+        assert fedavg["train_loss"][1] == pytest.approx(rebasin["train_loss"][1])
+
+
+def test_summary_is_mean_and_sample_std_of_the_seeds(tiny_run: tuple[Path, dict, str]) -> None:
+    _, results, _ = tiny_run
+    runs = results["one_shot"]["runs"]
+    summary = results["one_shot"]["summary"]
+    for method, entry in summary["methods"].items():
+        values = [run["methods"][method]["accuracy"] for run in runs]
+        assert entry["accuracy"]["values"] == values
+        assert entry["accuracy"]["mean"] == pytest.approx(np.mean(values), abs=1e-12)
+        assert entry["accuracy"]["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+    best = [max(c["accuracy"] for c in run["clients"]) for run in runs]
+    assert summary["best_client"]["accuracy"]["values"] == best
+    rounds = results["multi_round"]
+    fedavg = rounds["summary"]["strategies"]["fedavg"]
+    per_round = [run["strategies"]["fedavg"]["server"]["accuracy"] for run in rounds["runs"]]
+    assert fedavg["server_accuracy"]["mean"] == pytest.approx(np.mean(per_round, axis=0))
+
+
+def test_report_numbers_equal_the_json(tiny_run: tuple[Path, dict, str]) -> None:
+    _, results, report = tiny_run
+    tables = parse_tables(report)
+    summary = results["one_shot"]["summary"]
+
+    methods = tables[("model", "test accuracy (%)", "test loss")]
+    shown = {row[0]: row for row in methods}
+    assert set(shown) == set(summary["methods"]) | {"best single client"}
+    for name, entry in summary["methods"].items():
+        assert_shown(shown[name][1], entry["accuracy"], 100.0, 2)
+        assert_shown(shown[name][2], entry["loss"], 1.0, 4)
+    assert_shown(shown["best single client"][1], summary["best_client"]["accuracy"], 100.0, 2)
+
+    clients = tables[
+        ("client", "region / name", "training examples", "test accuracy (%)", "test loss")
+    ]
+    assert [row[:2] for row in clients] == [["client 0", "us"], ["client 1", "eu"]]
+    for row in clients:
+        assert_shown(row[3], summary["clients"][row[0]]["accuracy"], 100.0, 2)
+        assert_shown(row[4], summary["clients"][row[0]]["loss"], 1.0, 4)
+
+    groups = tables[("model", "us classes (%)", "eu classes (%)")]
+    assert len(groups) == 2 + len(summary["methods"])
+    for row in groups:
+        for g, text in enumerate(row[1:]):
+            assert_shown(text, summary["group_accuracy"][row[0]][g], 100.0, 2)
+
+    seeds = tables[("model", "seed 0", "seed 1")]
+    for row in seeds:
+        for run, text in zip(results["one_shot"]["runs"], row[1:]):
+            model = run["methods"].get(row[0]) or run["clients"][int(row[0].split()[1])]
+            assert float(text) == pytest.approx(100 * model["accuracy"], abs=0.005 + 1e-9)
+
+    interp = next(rows for header, rows in tables.items() if header[0] == "path")
+    for row in interp:
+        data = summary["interpolation"][row[0]]
+        assert_shown(row[3], data["accuracy_barrier"], 100.0, 2)
+        assert_shown(row[4], data["loss_barrier"], 1.0, 4)
+        mid = data["lambdas"].index(0.5)
+        point = {"mean": data["accuracy"]["mean"][mid], "std": data["accuracy"]["std"][mid]}
+        assert_shown(row[1], point, 100.0, 2)
+
+    per_round = tables[
+        (
+            "round",
+            "FedAvg accuracy (%)",
+            "ReBasinFedAvg accuracy (%)",
+            "FedAvg loss",
+            "ReBasinFedAvg loss",
+        )
+    ]
+    strategies = results["multi_round"]["summary"]["strategies"]
+    assert [row[0] for row in per_round] == ["0", "1", "2"]
+    for i, row in enumerate(per_round):
+        for text, name, key, scale, digits in (
+            (row[1], "fedavg", "server_accuracy", 100.0, 2),
+            (row[2], "rebasin", "server_accuracy", 100.0, 2),
+            (row[3], "fedavg", "server_loss", 1.0, 4),
+            (row[4], "rebasin", "server_loss", 1.0, 4),
+        ):
+            series = strategies[name][key]
+            assert_shown(text, {"mean": series["mean"][i], "std": series["std"][i]}, scale, digits)
+    final = next(rows for header, rows in tables.items() if header[0] == "strategy")
+    for row, name in zip(final, ("fedavg", "rebasin")):
+        assert_shown(row[1], strategies[name]["final_accuracy"], 100.0, 2)
+        assert_shown(row[2], strategies[name]["final_loss"], 1.0, 4)
+
+
+# ------------------------------------------------------------------------------------------
+# validation at the edge
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--width", "-1"], "--width = -1.0: Input should be greater than 0"),
+        (["--dataset", "imagenet"], "--dataset = 'imagenet': Input should be 'mnist' or 'cifar10'"),
+        (["--scenario", "moon"], "--scenario = 'moon': expected one of 'us-eu'"),
+        (["--model", "vgg"], "model 'vgg' needs 3x32x32 images; use mlp for mnist"),
+        (["--seeds", "0", "1", "0"], "seeds must be distinct, got [0, 1, 0]"),
+        (["--mode", "sometimes"], "--mode = 'sometimes': Input should be 'one-shot'"),
+        (
+            ["--own-fraction", "1.5"],
+            "--own-fraction = 1.5: Input should be less than or equal to 1",
+        ),
+        (["--clients", "1"], "merging needs at least 2 clients, got 1"),
+        (["--epochs", "0"], "--epochs = 0: Input should be greater than or equal to 1"),
+        (
+            ["--mode", "multi-round", "--bn-recalibration"],
+            "'bn-recalibration' = True needs a model with BatchNorm",
+        ),
+        (["--mode", "both", "--strategies", "fedavg", "fedavg"], "strategies must be distinct"),
+        (["--threads", "0"], "--threads = 0: must be >= 1"),
+    ],
+)
+def test_bad_values_exit_nonzero_with_a_message(args: list[str], message: str) -> None:
+    result = runner.invoke(cli.app, ["simulate", *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+
+
+def test_missing_data_names_the_directory(tmp_path: Path) -> None:
+    missing = tmp_path / "no-data-here"
+    result = runner.invoke(
+        cli.app, [*TINY, "--data-dir", str(missing), "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 1
+    assert f"MNIST not found in data directory {missing}" in " ".join(result.output.split())
+
+
+def test_non_numeric_value_is_a_usage_error() -> None:
+    result = runner.invoke(cli.app, ["simulate", "--epochs", "many"])
+    assert result.exit_code == 2
+    assert "'many' is not a valid integer" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "seeds", "strategies"),
+    [
+        (["--seeds", "0", "1", "2"], (0, 1, 2), ("fedavg", "rebasin")),
+        (["--seeds", "3", "--seeds", "4"], (3, 4), ("fedavg", "rebasin")),
+        (["--seeds=5", "6", "--strategies", "rebasin"], (5, 6), ("rebasin",)),
+        (["--strategies", "rebasin", "fedavg", "--seeds", "7"], (7,), ("rebasin", "fedavg")),
+    ],
+)
+def test_list_options_take_several_values(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], seeds: tuple, strategies: tuple
+) -> None:
+    captured = {}
+    monkeypatch.setattr(cli, "_run", lambda cfg, out, data_dir, threads: captured.update(cfg=cfg))
+    result = runner.invoke(cli.app, ["simulate", "--mode", "both", *args, "--rounds", "3"])
+    assert result.exit_code == 0, result.output
+    cfg = captured["cfg"]
+    assert cfg.seeds == seeds
+    assert cfg.multi_round.strategies == strategies
+    assert cfg.multi_round.rounds == 3
+    assert cfg.experiment.num_clients == 2  # us-eu default: two regions
+
+
+def test_scenarios_pick_their_partition_and_client_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    captured = []
+    monkeypatch.setattr(cli, "_run", lambda cfg, out, data_dir, threads: captured.append(cfg))
+    for args in (["--scenario", "dirichlet", "--alpha", "0.3"], ["--scenario", "pathological"]):
+        assert runner.invoke(cli.app, ["simulate", *args]).exit_code == 0
+    dirichlet, pathological = captured
+    assert (dirichlet.experiment.partition, dirichlet.experiment.num_clients) == ("dirichlet", 5)
+    assert dirichlet.experiment.alpha == 0.3
+    assert pathological.experiment.partition == "pathological"
+    assert pathological.multi_round is None  # one-shot by default
+
+
+# ------------------------------------------------------------------------------------------
+# pieces
+
+
+def test_stat_is_mean_and_sample_std_skipping_undefined() -> None:
+    assert stat([1.0, 2.0, 4.0]) == {
+        "mean": 7 / 3,
+        "std": pytest.approx(np.std([1.0, 2.0, 4.0], ddof=1)),
+        "n": 3,
+        "values": [1.0, 2.0, 4.0],
+    }
+    assert stat([0.5]) == {"mean": 0.5, "std": 0.0, "n": 1, "values": [0.5]}
+    assert stat([float("nan"), 3.0, None]) == {
+        "mean": 3.0,
+        "std": 0.0,
+        "n": 1,
+        "values": [None, 3.0, None],
+    }
+    assert stat([None]) == {"mean": None, "std": None, "n": 0, "values": [None]}
+    assert series_stat([[1.0, 2.0], [3.0, 2.0]]) == {"mean": [2.0, 2.0], "std": [np.sqrt(2), 0.0]}
+    with pytest.raises(ValueError, match=r"one length, got lengths \[1, 2\]"):
+        series_stat([[1.0], [1.0, 2.0]])
+
+
+def test_sanitize_makes_strict_json() -> None:
+    data = {"a": float("nan"), "b": [np.float32(0.5), np.int64(3), float("inf")], 1: np.array([1])}
+    clean = sanitize(data)
+    assert clean == {"a": None, "b": [0.5, 3, None], "1": [1]}
+    json.dumps(clean, allow_nan=False)
+
+
+def test_class_homes_and_group_accuracy() -> None:
+    counts = [[24, 24, 6, 6], [6, 6, 24, 24]]
+    assert class_homes(counts) == [0, 0, 1, 1]
+    assert class_homes([[5, 1], [5, 2]]) == [0, 1]  # ties go to the lower client
+    assert group_accuracy([1.0, 0.5, 0.25, None], [0, 0, 1, 1], 0) == 0.75
+    assert group_accuracy([1.0, 0.5, 0.25, None], [0, 0, 1, 1], 1) == 0.25
+    assert group_accuracy([1.0], [0], 1) is None
+
+
+def _echo_app() -> ClientApp:
+    """A ClientApp that returns its partition id and changes the received arrays in place."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        arrays = msg.content.array_records["arrays"]
+        weights = arrays.to_torch_state_dict()["w"]
+        if context.node_config["partition-id"] == 1:
+            raise RuntimeError("disk full")
+        msg.content.array_records["arrays"] = ArrayRecord({"w": weights + 1})  # must not leak
+        metrics = MetricRecord(
+            {"partition": context.node_config["partition-id"], "num-examples": 1}
+        )
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def test_local_grid_delivers_copies_and_turns_exceptions_into_error_replies() -> None:
+    grid = LocalGrid(_echo_app(), 3, {"k": 1}, run_id=7, node_config={"data-dir": "/d"})
+    assert list(grid.get_node_ids()) == [FIRST_NODE_ID, FIRST_NODE_ID + 1, FIRST_NODE_ID + 2]
+    assert grid.contexts[FIRST_NODE_ID + 2].node_config == {
+        "partition-id": 2,
+        "num-partitions": 3,
+        "data-dir": "/d",
+    }
+    record = ArrayRecord({"w": torch.zeros(2)})
+    with server_identity(grid.run.run_id):
+        messages = [
+            Message(
+                RecordDict({"arrays": record, "config": ConfigRecord({"server-round": 1})}),
+                node,
+                "train",
+            )
+            for node in grid.get_node_ids()
+        ]
+        replies = list(grid.send_and_receive(messages))
+    assert [r.metadata.src_node_id for r in replies] == list(grid.get_node_ids())
+    ok = [r for r in replies if not r.has_error()]
+    assert [int(r.content["metrics"]["partition"]) for r in ok] == [0, 2]
+    failed = [r for r in replies if r.has_error()]
+    assert len(failed) == 1
+    assert failed[0].error.code == 2  # Flower's CLIENT_APP_RAISED_EXCEPTION
+    assert failed[0].error.reason == "<class 'RuntimeError'>:<'disk full'>"
+    assert torch.equal(record.to_torch_state_dict()["w"], torch.zeros(2))  # server copy intact
+    assert all(
+        r.metadata.reply_to_message_id == m.metadata.message_id for r, m in zip(replies, messages)
+    )
+    assert list(grid.pull_messages([m.metadata.message_id for m in messages])) == []
+    with pytest.raises(ValueError, match="message for unknown node 5"):
+        with server_identity(7):
+            grid.push_messages([Message(RecordDict(), 5, "train")])
