@@ -117,16 +117,44 @@ def merge_many(
 ) -> StateDict:
     """MergeMany (Ainsworth et al., appendix): no reference model.
 
+    The weighted mean of the models as aligned by :func:`align_many`.
+    """
+    weights = _check_models_and_weights(models, weights)
+    aligned, _ = align_many(
+        spec, models, weights, seed=seed, max_rounds=max_rounds, max_iter=max_iter
+    )
+    return average(aligned, weights)
+
+
+def align_many(
+    spec: PermutationSpec,
+    models: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float] | None = None,
+    *,
+    seed: int = 0,
+    max_rounds: int = 20,
+    max_iter: int = 100,
+) -> tuple[list[StateDict], list[Perms]]:
+    """Bring N models into one basin without a reference (MergeMany's alignment).
+
     Repeat, over the models in a seeded random order: align model ``i`` to the weighted mean
     of all the others (as currently aligned). Stop after a round in which no permutation
-    changed (or after ``max_rounds``); return the weighted mean of the aligned models.
+    changed, or after ``max_rounds``.
+
+    Returns
+    -------
+    aligned, perms
+        The aligned state dicts and, per model, the permutations that map the input model
+        to its aligned version (``apply_permutation(spec, perms[i], models[i])``).
     """
     weights = _check_models_and_weights(models, weights)
     for i, model in enumerate(models[1:], start=1):
         validate_state_dict(model, models[0], name=f"model {i}")
     aligned = [dict(m) for m in models]
+    sizes = spec.perm_sizes(models[0])
+    perms = [{p: torch.arange(n) for p, n in sizes.items()} for _ in models]
     if len(aligned) == 1:
-        return average(aligned, weights)
+        return aligned, perms
     rng = np.random.default_rng(seed)
     total = sum(weights)
     weighted_sum = _weighted_sum(aligned, weights)
@@ -150,10 +178,12 @@ def merge_many(
                 if v.is_floating_point():
                     weighted_sum[k] += w * (v.double() - aligned[i][k].double())
             aligned[i] = new
+            # Applying q after p picks unit p[q[j]] of the input: compose once per change.
+            perms[i] = {p: perms[i][p][result.perms[p]] for p in perms[i]}
             changed = True
         if not changed:
             break
-    return average(aligned, weights)
+    return aligned, perms
 
 
 def interpolate(

@@ -10,6 +10,7 @@ from torch import nn
 
 from rebasin.matching import reference_weight_matching, weight_matching
 from rebasin.merge import (
+    align_many,
     average,
     barrier,
     interpolation_curve,
@@ -140,6 +141,19 @@ def test_merge_many_of_permuted_copies_is_a_permutation_of_the_original() -> Non
         torch.testing.assert_close(back[k], state[k], atol=1e-6, rtol=0)
     x = _input(model)
     torch.testing.assert_close(_load(model, merged)(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_align_many_returns_the_permutations_that_produce_the_aligned_models() -> None:
+    model = _randomized("vgg-batch", 0)
+    spec = model.permutation_spec()
+    state = model.state_dict()
+    copies = [apply_permutation(spec, random_perms(spec, state, s), state) for s in range(4)]
+    aligned, perms = align_many(spec, copies, seed=1)
+    for original, result, p in zip(copies, aligned, perms):
+        again = apply_permutation(spec, p, original)
+        assert all(torch.equal(again[k], result[k]) for k in state)
+    # All four now sit in one basin: pairwise identical.
+    assert all(torch.equal(aligned[0][k], aligned[3][k]) for k in state)
 
 
 def test_average_is_weighted_and_keeps_dtypes() -> None:
