@@ -134,7 +134,7 @@ def load_batchnorm_stats(
 
 
 @torch.no_grad()
-def _channel_moments(
+def channel_moments(
     model: nn.Module, layer_name: str, loader: Iterable, num_batches: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std per output channel of one Linear/Conv layer over the data."""
@@ -185,10 +185,10 @@ def repair(
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m.bias is not None
     ][:-1]
     for name in layers:
-        targets = [_channel_moments(m, name, loader, num_batches) for m in endpoints]
+        targets = [channel_moments(m, name, loader, num_batches) for m in endpoints]
         mu_t = sum(w * t[0] for w, t in zip(weights, targets)) / total
         std_t = sum(w * t[1] for w, t in zip(weights, targets)) / total
-        mu_m, std_m = _channel_moments(merged, name, loader, num_batches)
+        mu_m, std_m = channel_moments(merged, name, loader, num_batches)
         scale = std_t / (std_m + eps)
         layer = dict(merged.named_modules())[name]
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)

@@ -1,0 +1,82 @@
+"""BatchNorm reset, federated BatchNorm statistics and REPAIR."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from rebasin.merge import average
+from rebasin.models import MLP
+from rebasin.norm import (
+    channel_moments,
+    batchnorm_stats,
+    combine_batchnorm_stats,
+    has_batchnorm,
+    load_batchnorm_stats,
+    repair,
+    reset_batchnorm_stats,
+)
+
+
+def _loader(n: int, seed: int, shift: float = 0.0, batch: int | None = None) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 4, 4, generator=gen) * 2 + shift
+    return DataLoader(TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch_size=batch or n)
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+
+
+def test_reset_recomputes_running_statistics_from_data() -> None:
+    net = _bn_net()
+    loader = _loader(64, seed=1, shift=3.0)
+    x = next(iter(loader))[0]
+    reset_batchnorm_stats(net, loader)
+    assert not net.training
+    torch.testing.assert_close(net[0].running_mean, x.mean((0, 2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(net[0].running_var, x.var((0, 2, 3)), atol=1e-4, rtol=0)
+    assert net[0].momentum == 0.1  # restored
+    assert has_batchnorm(net) and not has_batchnorm(MLP(hidden=(4,)))
+    with pytest.raises(ValueError, match="reset_batchnorm_stats got no data"):
+        reset_batchnorm_stats(net, [])
+
+
+def test_federated_statistics_pool_like_the_union_of_the_data() -> None:
+    net = _bn_net()
+    us, eu = _loader(40, seed=1, shift=-1.0), _loader(120, seed=2, shift=2.0)
+    stats = [batchnorm_stats(net, us), batchnorm_stats(net, eu)]
+    assert [s.count for s in stats] == [40, 120]
+    pooled = combine_batchnorm_stats(stats)
+    union = torch.cat([next(iter(us))[0], next(iter(eu))[0]])
+    mean, var = pooled["0"]
+    torch.testing.assert_close(mean, union.mean((0, 2, 3)), atol=1e-5, rtol=0)
+    # Each client reports an unbiased variance; pooling is exact up to that n/(n-1) factor.
+    torch.testing.assert_close(var, union.var((0, 2, 3)), atol=0, rtol=2e-2)
+    assert set(pooled) == {"0", "2"}
+    before = net[0].running_mean.clone()
+    load_batchnorm_stats(net, pooled)
+    assert torch.equal(net[0].running_mean, mean) and not torch.equal(before, mean)
+    with pytest.raises(ValueError, match="'1' is not a BatchNorm layer of the model"):
+        load_batchnorm_stats(net, {"1": pooled["0"]})
+    with pytest.raises(ValueError, match="no BatchNorm statistics to combine"):
+        combine_batchnorm_stats([])
+
+
+def test_repair_gives_every_hidden_unit_the_interpolated_statistics() -> None:
+    torch.manual_seed(0)
+    endpoints = [MLP(in_features=48, hidden=(16, 8), num_classes=3).eval() for _ in range(2)]
+    merged = MLP(in_features=48, hidden=(16, 8), num_classes=3).eval()
+    merged.load_state_dict(average([m.state_dict() for m in endpoints], weights=[1.0, 3.0]))
+    loader = _loader(256, seed=3, batch=64)
+    repair(merged, endpoints, loader, weights=[1.0, 3.0])
+    for layer in ("layers.0", "layers.1"):
+        target = [channel_moments(m, layer, loader, None) for m in endpoints]
+        got_mean, got_std = channel_moments(merged, layer, loader, None)
+        torch.testing.assert_close(got_mean, 0.25 * target[0][0] + 0.75 * target[1][0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(got_std, 0.25 * target[0][1] + 0.75 * target[1][1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="repair needs at least one endpoint model"):
+        repair(merged, [], loader)
