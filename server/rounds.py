@@ -6,8 +6,9 @@ strategy's steps it
 
 * numbers rounds from ``round_offset + 1`` (a resumed run continues its numbering, and
   clients see the true ``server-round``);
-* names every node that was sent work but did not reply within the round timeout (Flower's
-  FedAvg only counts the replies it got);
+* names every node that was sent work but failed it: an error reply (also the one the
+  SuperLink sends for a node whose heartbeat stopped) or no reply within the round timeout
+  (Flower's FedAvg only counts the replies it got);
 * after each merge, runs the ``after_merge`` hook (BatchNorm recalibration) and then the
   ``on_round_end`` hook (checkpointing) with the round's final global model, also when the
   round kept the previous model.
@@ -63,7 +64,7 @@ class ServerRounds(Strategy):
         self.after_merge = after_merge
         self.on_round_end = on_round_end
         self._global: ArrayRecord | None = None
-        self._sent_to: dict[str, set[int]] = {"train": set(), "evaluate": set()}
+        self._sent: dict[str, list[Message]] = {"train": [], "evaluate": []}
 
     def summary(self) -> None:
         """Log the wrapped strategy's summary under its own name."""
@@ -74,19 +75,39 @@ class ServerRounds(Strategy):
 
     def _record_sent(self, phase: str, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
-        self._sent_to[phase] = {m.metadata.dst_node_id for m in messages}
+        self._sent[phase] = messages
         return messages
 
-    def _report_missing(self, phase: str, server_round: int, replies: list[Message]) -> None:
-        replied = {reply.metadata.src_node_id for reply in replies}
-        for node_id in sorted(self._sent_to[phase] - replied):
-            logger.warning(
-                "round %d %s: no reply from node %d within %.0f s; left out of this round",
-                server_round,
-                phase,
-                node_id,
-                self.round_timeout,
+    def _report_failures(self, phase: str, server_round: int, replies: list[Message]) -> None:
+        """Name every node whose work this phase failed: an error reply, or no reply at all.
+
+        A reply is matched to the node it answers through its ``reply_to_message_id`` (the
+        grid stamps message ids on the messages it sends): error replies that the SuperLink
+        makes for a node that stopped sending heartbeats come from the SuperLink itself, not
+        from that node.
+        """
+        node_of_message = {
+            m.metadata.message_id: m.metadata.dst_node_id
+            for m in self._sent[phase]
+            if m.metadata.message_id
+        }
+        answered = set()
+        for reply in replies:
+            node_id = node_of_message.get(
+                reply.metadata.reply_to_message_id, reply.metadata.src_node_id
             )
+            answered.add(node_id)
+            if reply.has_error():
+                logger.warning(
+                    "round %d %s: node %d failed: %s",
+                    server_round, phase, node_id, reply.error.reason,
+                )  # fmt: skip
+        for node_id in sorted({m.metadata.dst_node_id for m in self._sent[phase]} - answered):
+            logger.warning(
+                "round %d %s: no reply from node %d within the round timeout (%.0f s); "
+                "left out of this round",
+                server_round, phase, node_id, self.round_timeout,
+            )  # fmt: skip
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -104,7 +125,7 @@ class ServerRounds(Strategy):
         """Merge with the wrapped strategy, then run the hooks on the round's global model."""
         round_number = server_round + self.round_offset
         replies = list(replies)
-        self._report_missing("train", round_number, replies)
+        self._report_failures("train", round_number, replies)
         arrays, metrics = self.strategy.aggregate_train(round_number, replies)
         if arrays is None or arrays is self._global:
             logger.warning("round %d: no new global model; keeping the previous one", round_number)
@@ -131,5 +152,5 @@ class ServerRounds(Strategy):
         """The wrapped strategy's aggregate of the evaluation metrics."""
         round_number = server_round + self.round_offset
         replies = list(replies)
-        self._report_missing("evaluate", round_number, replies)
+        self._report_failures("evaluate", round_number, replies)
         return self.strategy.aggregate_evaluate(round_number, replies)

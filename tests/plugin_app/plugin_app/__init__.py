@@ -1,0 +1,1 @@
+"""plugin-app: a Flower / PyTorch quickstart-style app."""
