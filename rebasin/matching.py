@@ -230,6 +230,7 @@ class _MatchContext:
             for k, ax in spec.perm_to_axes[p]
             if k in self.a
         }
+        self.b_moved: dict[tuple[str, int], torch.Tensor] = {}
         self.other_perms = {
             (k, ax): tuple(
                 p for i, p in enumerate(spec.axes_to_perm[k]) if p is not None and i != ax
@@ -243,12 +244,18 @@ class _MatchContext:
         self.current_perm = ""
 
     def b_rows(self, key: str, axis: int, perms: Perms) -> torch.Tensor:
-        """B's weight ``key`` with every permutation but the one on ``axis`` applied, as rows."""
-        tensor = self.b[key]
+        """B's weight ``key`` with every permutation but the one on ``axis`` applied, as rows.
+
+        B is kept with ``axis`` moved first (contiguous), so the gathers below are the only
+        copy and the final reshape is a view.
+        """
+        tensor = self.b_moved.get((key, axis))
+        if tensor is None:
+            tensor = self.b_moved[(key, axis)] = torch.movedim(self.b[key], axis, 0).contiguous()
         for i, p in enumerate(self.spec.axes_to_perm[key]):
             if p is not None and i != axis:
-                tensor = permute_axis(tensor, i, perms[p])
-        return torch.movedim(tensor, axis, 0).reshape(self.a_rows[(key, axis)].shape[0], -1)
+                tensor = permute_axis(tensor, i + 1 if i < axis else i, perms[p])
+        return tensor.reshape(self.a_rows[(key, axis)].shape[0], -1)
 
     def objective(self, perms: Perms) -> float:
         permuted = apply_permutation(self.spec, perms, self.b)

@@ -170,8 +170,9 @@ def test_barrier_of_identical_models_is_zero_and_rebasin_removes_the_naive_barri
     spec = model.permutation_spec()
     state = model.state_dict()
     x = _input(model)
-    target = model(x)
+    target = model(x).detach()
 
+    @torch.no_grad()
     def evaluate(sd):
         # Loss: relative squared distance to the original function's outputs.
         logits = _load(model, sd)(x)
