@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -55,6 +55,33 @@ def descendants(pid: int) -> list[int]:
         order.append(current)
         stack.extend(tree.get(current, []))
     return order
+
+
+def pids_with_environment(key: str, value: str) -> list[int]:
+    """PIDs of the processes whose environment has ``key=value``.
+
+    Every process a test starts, and everything those start in turn (even detached, like
+    the SuperLink ``flwr run`` may launch), inherits the test's unique ``FLWR_HOME``; this
+    finds them all, whoever their parent is now.
+    """
+    entry_text = f"{key}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environment = (entry / "environ").read_bytes()
+        except OSError:  # exited, or not ours to read
+            continue
+        if entry_text in environment.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def stop_environment(key: str, value: str, grace: float = 8.0) -> None:
+    """Stop every process (and its descendants) whose environment has ``key=value``."""
+    for pid in pids_with_environment(key, value):
+        stop_tree(pid, grace)
 
 
 def _alive(pid: int) -> bool:
@@ -97,7 +124,6 @@ class Started:
     name: str
     process: subprocess.Popen
     log_path: Path
-    extra_pids: list[int] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -110,8 +136,6 @@ class Started:
     def stop(self) -> None:
         """Stop the process and all its descendants (idempotent)."""
         stop_tree(self.pid)
-        for pid in self.extra_pids:
-            stop_tree(pid)
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:

@@ -35,6 +35,7 @@ from flower_processes import (
     free_port,
     signal_tree,
     start,
+    stop_environment,
     stop_tree,
     superlink_healthy,
     wait_for,
@@ -171,6 +172,7 @@ def local_simulation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local
         yield LocalSimulation(env, superlink)
     finally:
         superlink.stop()
+        stop_environment("FLWR_HOME", str(home))  # anything flwr may have detached
 
 
 @pytest.mark.timeout(300)
@@ -268,6 +270,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iter
     finally:
         for process in reversed(started):
             process.stop()
+        stop_environment("FLWR_HOME", str(home))
 
 
 @pytest.mark.timeout(300)
