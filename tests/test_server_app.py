@@ -24,8 +24,9 @@ from client.app import app as client_app
 from client.app import own_seed
 from client.config import NodeDataConfig
 from client.data import local_data
-from rebasin.data import LabeledData
+from rebasin.data import LabeledData, load_dataset
 from rebasin.norm import batchnorm_stats, combine_batchnorm_stats
+from rebasin.partition import region_split
 from rebasin.spec import is_running_stat
 from rebasin.train import train as train_model
 from server.app import METRICS_FILE, run_server
@@ -34,6 +35,7 @@ from server.config import ServerConfig
 from server.recalibration import batchnorm_layer_sizes, recalibrate_batchnorm
 from simulations.local_grid import FIRST_NODE_ID, LocalGrid, server_identity
 from strategies.bn_query import QUERY_MESSAGE_TYPE, stats_from_record, stats_to_record
+from strategies.run_config import RunConfigError, TrainingConfig
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -422,3 +424,29 @@ def test_synthetic_data_differs_between_nodes() -> None:
         None, NodeDataConfig.from_mapping({"partition-id": 1, "num-partitions": 2}), True
     )
     assert not np.isclose(float(a.images.mean()), float(b.images.mean()), atol=0.5)
+
+
+# --- client data ----------------------------------------------------------------------------
+
+
+def test_a_region_node_holds_its_region_of_the_data(data_dir: Path) -> None:
+    config = TrainingConfig.from_mapping({"partitioning": "region", "seed": 3})
+    node = NodeDataConfig.from_mapping({"region": "eu", "data-dir": str(data_dir)})
+    got = local_data(config, node, train=False)
+    full = load_dataset("mnist", train=False, data_dir=data_dir)
+    expected = full.subset(region_split(full.labels.numpy(), 2, 0.8, seed=3)[1])
+    assert torch.equal(got.labels, expected.labels)
+    assert torch.equal(got.images, expected.images)
+    # "eu" owns the digits 5-9: 80 % of each of them.
+    counts = np.bincount(got.labels.numpy(), minlength=10)
+    full_counts = np.bincount(full.labels.numpy(), minlength=10)
+    assert np.array_equal(counts[5:], np.floor(0.8 * full_counts[5:] + 0.5).astype(int))
+
+
+def test_a_region_node_needs_a_region_partitioning() -> None:
+    node = NodeDataConfig.from_mapping({"region": "us"})
+    with pytest.raises(RunConfigError) as info:
+        local_data(TrainingConfig(), node, train=True)
+    assert str(info.value) == (
+        "node-config 'region' = 'us' needs run-config 'partitioning' = 'region', got 'iid'"
+    )
