@@ -3,11 +3,24 @@
 * :class:`ReBasinFedAvg` -- Message API (``flwr.serverapp.strategy.FedAvg``, Flower 1.42).
 * :class:`ReBasinFedAvgLegacy` -- legacy API (``flwr.server.strategy.FedAvg``).
 
-Both share :func:`strategies.aggregate.rebasin_aggregate`.
+Both share :func:`strategies.aggregate.rebasin_aggregate`. The classes are imported on first
+use: every ClientApp process imports this package (for the shared run-config) and should not
+pay for SciPy and the strategies it never runs.
 """
 
-from strategies.aggregate import ReBasinOptions, RoundReport
-from strategies.legacy import ReBasinFedAvgLegacy
-from strategies.rebasin_fedavg import ReBasinFedAvg
+from importlib import import_module
 
 __all__ = ["ReBasinFedAvg", "ReBasinFedAvgLegacy", "ReBasinOptions", "RoundReport"]
+
+_WHERE = {
+    "ReBasinFedAvg": "strategies.rebasin_fedavg",
+    "ReBasinFedAvgLegacy": "strategies.legacy",
+    "ReBasinOptions": "strategies.aggregate",
+    "RoundReport": "strategies.aggregate",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'strategies' has no attribute {name!r}")

@@ -128,6 +128,7 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         self.warm_starts: dict[NodeId, Perms] = {}
         self.last_round: RoundReport | None = None
         self._global_arrays: ArrayRecord | None = None
+        self._sent: list[Message] = []
         self._global_model: StateDict | None = None
 
     @property
@@ -171,9 +172,19 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's ``configure_train``, remembering ``arrays`` as this round's global model."""
+        """FedAvg's ``configure_train``, remembering ``arrays`` as this round's global model
+        and the messages sent (the grid stamps their ids when it sends them)."""
         self.set_global_arrays(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
+        self._sent = list(super().configure_train(server_round, arrays, config, grid))
+        return self._sent
+
+    def _node_of(self, msg: Message) -> int:
+        """The node a reply answers for. Error replies for a node that stopped sending
+        heartbeats come from the SuperLink itself, so match by ``reply_to_message_id``."""
+        for sent in self._sent:
+            if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                return sent.metadata.dst_node_id
+        return msg.metadata.src_node_id
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -208,7 +219,7 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         self.warm_starts.update(report.perms)
         valid = set(report.valid) if not report.kept_previous else set()
         metrics = self._aggregate_metrics(
-            [m for m in replies if m.metadata.src_node_id in valid], self.train_metrics_aggr_fn
+            [m for m in replies if self._node_of(m) in valid], self.train_metrics_aggr_fn
         )
         if merged is None:
             return self._global_arrays, metrics
@@ -234,7 +245,7 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
     # --- Flower records -> the core's ClientUpdate -------------------------------------
 
     def _to_update(self, msg: Message) -> ClientUpdate:
-        node_id = msg.metadata.src_node_id
+        node_id = self._node_of(msg)
         problem = self._metrics_problem(msg)
         if problem is not None:
             return ClientUpdate(node_id, problem=problem)

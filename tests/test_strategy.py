@@ -522,3 +522,22 @@ def test_every_reference_on_every_device_recovers_the_original(device, reference
     with torch.no_grad():
         torch.testing.assert_close(merged_model(x), original_model(x), atol=1e-5, rtol=0)
     assert strategy.last_round.valid == [1, 2, 3]
+
+
+def test_an_error_reply_made_by_the_superlink_names_the_node_it_stands_for(caplog) -> None:
+    """The SuperLink answers for a vanished node with an error reply of its own: the log
+    must name the node the instruction went to, found through ``reply_to_message_id``."""
+    original = _sd(_mlp(1))
+    strategy = _strategy(original)
+    sent = _instruction(7)
+    sent.metadata.__dict__["_message_id"] = "msg-to-node-7"  # as the grid stamps it on send
+    strategy._sent = [sent]
+    lost = Message(Error(code=4, reason="node unavailable"), reply_to=sent)
+    lost.metadata.__dict__["_src_node_id"] = 0  # made by the SuperLink, not by node 7
+    assert lost.metadata.reply_to_message_id == "msg-to-node-7"
+    good = [_reply(n, _permuted(original, seed=n), 10) for n in (1, 2)]
+    with caplog.at_level(logging.INFO):
+        strategy.aggregate_train(1, [good[0], lost, good[1]])
+    assert list(strategy.last_round.dropped) == [7]
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "node 7" in warnings[0] and "node unavailable" in warnings[0]
