@@ -320,6 +320,24 @@ def _run(cfg, out_dir: Path, data_dir: Path | None, threads: int | None) -> None
     )
 
 
+@app.command()
+def report(
+    results_dir: Annotated[Path, typer.Argument(help="a simulate results directory")],
+) -> None:
+    """Redraw report.md and the plots of a finished run from its results.json."""
+    from simulations.plots import write_plots
+    from simulations.report import write_report
+    from simulations.results import read_results
+
+    try:
+        results = read_results(results_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc), code=1) from None
+    plots = write_plots(results, results_dir)
+    path = write_report(results, results_dir, plots)
+    typer.echo(f"wrote {path} and {len(plots)} plot(s)")
+
+
 # --------------------------------------------------------------------------------------------
 # other modules' subcommands
 

@@ -31,6 +31,19 @@ CURVE_STYLE = {
     "rebasin": {"color": "tab:blue", "label": "re-basin"},
     "rebasin+bn-reset": {"color": "tab:green", "label": "re-basin + BN reset"},
 }
+# Bar colours of the per-class plot: merged models as in the curves, clients in muted tones.
+MODEL_COLORS = {
+    "naive": "tab:red",
+    "rebasin": "tab:blue",
+    "merge-many": "tab:cyan",
+    "rebasin+bn-reset": "tab:green",
+    "rebasin+repair": "tab:green",
+    "ensemble": "tab:purple",
+    "centralized": "black",
+    "FedAvg": "tab:red",
+    "ReBasinFedAvg": "tab:blue",
+}
+CLIENT_COLORS = ("tab:gray", "tab:brown", "tab:olive", "tab:pink", "tab:orange")
 STRATEGY_STYLE = {
     "fedavg": {"color": "tab:red", "label": "FedAvg"},
     "rebasin": {"color": "tab:blue", "label": "ReBasinFedAvg"},
@@ -88,24 +101,32 @@ def plot_per_class(
     width = 0.8 / max(len(models), 1)
     fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(order) + 2), 3.6), dpi=DPI)
     x = np.arange(len(order))
-    cmap = plt.get_cmap("tab10")
+    lowest = 100.0
     for j, name in enumerate(models):
         values = _none_to_nan(per_class[name])[order] * 100.0
-        ax.bar(
-            x + (j - (len(models) - 1) / 2) * width, values, width, label=name, color=cmap(j % 10)
-        )
+        if np.isfinite(values).any():
+            lowest = min(lowest, float(np.nanmin(values)))
+        color = MODEL_COLORS.get(name)
+        if color is None:
+            client = int(name.split()[1]) if name.startswith("client ") else j
+            color = CLIENT_COLORS[client % len(CLIENT_COLORS)]
+        offset = (j - (len(models) - 1) / 2) * width
+        ax.bar(x + offset, values, width, label=name, color=color)
     ax.set_xticks(x, [classes[c] for c in order], fontsize=8)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 109)
+    # Zoom in when every bar is high (MNIST), so that the differences show.
+    bottom = 0.0 if lowest < 50 else 10.0 * np.floor((lowest - 5.0) / 10.0)
+    ax.set_ylim(bottom, 100.0 + 0.09 * (100.0 - bottom))
     # Region bands: a separator between groups and the group's name above its classes.
     start = 0
     for g in sorted(set(homes)):
         count = sum(1 for h in homes if h == g)
         if start:
             ax.axvline(start - 0.5, color="black", lw=0.8)
-        ax.text(start - 0.5 + count / 2, 103, f"{groups[g]} classes", ha="center", fontsize=8)
+        label_y = 100.0 + 0.02 * (100.0 - bottom)
+        ax.text(start - 0.5 + count / 2, label_y, f"{groups[g]} classes", ha="center", fontsize=8)
         start += count
-    ax.legend(fontsize=7, ncol=min(len(models), 4), loc="lower center", bbox_to_anchor=(0.5, -0.42))
+    ax.legend(fontsize=7, ncol=min(len(models), 5), loc="lower center", bbox_to_anchor=(0.5, -0.4))
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -146,6 +167,14 @@ def _per_class_source(section: Mapping, key_of_run) -> tuple[dict | None, list[i
     return key_of_run(section["runs"][0]), homes[0], f"seed {section['runs'][0]['seed']}"
 
 
+def _client_label(name: str, groups: Sequence[str]) -> str:
+    """``client 0 (us)`` for a client whose group has a name of its own, else ``name``."""
+    if not name.startswith("client "):
+        return name
+    group = groups[int(name.split()[1])]
+    return name if group == name else f"{name} ({group})"
+
+
 def write_plots(results: Mapping, out_dir: Path) -> list[Path]:
     """Draw every plot the results allow into ``out_dir``; return the files written."""
     config = results["config"]
@@ -172,9 +201,10 @@ def write_plots(results: Mapping, out_dir: Path) -> list[Path]:
             },
         )
         values = first or {n: summary["per_class"][n]["mean"] for n in shown}
+        labelled = {_client_label(n, groups): values[n] for n in shown}
         written.append(
             plot_per_class(
-                {n: values[n] for n in shown},
+                labelled,
                 homes,
                 groups,
                 classes,

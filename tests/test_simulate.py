@@ -412,3 +412,21 @@ def test_local_grid_delivers_copies_and_turns_exceptions_into_error_replies() ->
     with pytest.raises(ValueError, match="message for unknown node 5"):
         with server_identity(7):
             grid.push_messages([Message(RecordDict(), 5, "train")])
+
+
+def test_report_command_redraws_from_the_json(
+    tiny_run: tuple[Path, dict, str], tmp_path: Path
+) -> None:
+    out, _, report = tiny_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "results.json").write_bytes((out / "results.json").read_bytes())
+    result = runner.invoke(cli.app, ["report", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert (copy / "report.md").read_text() == report
+    assert sorted(p.name for p in copy.glob("*.png")) == [
+        "interpolation.png", "per_class.png", "per_class_rounds.png", "rounds.png"
+    ]  # fmt: skip
+    missing = runner.invoke(cli.app, ["report", str(tmp_path / "nothing")])
+    assert missing.exit_code == 1
+    assert "no results.json in" in missing.output
