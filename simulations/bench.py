@@ -107,6 +107,10 @@ def trained_pair(
     return out[0], out[1]
 
 
+def _to(state_dict: StateDict, device: str) -> StateDict:
+    return {k: v.to(device) for k, v in state_dict.items()}
+
+
 def _median_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeats):
@@ -227,23 +231,29 @@ def run_benchmark(
     repeats: int,
     train_steps: int,
     data_dir: str | None,
+    device: str = "cpu",
+    mlp_width: float = 1.0,
 ) -> dict:
-    """Run every benchmark, print tables, write ``bench.json`` and ``bench.md`` in ``out``."""
+    """Run every benchmark, print tables, write ``bench.json`` and ``bench.md`` in ``out``.
+
+    Matching runs on ``device`` (the weights are moved there); merges run on the CPU.
+    """
     out.mkdir(parents=True, exist_ok=True)
     match_rows: list[MatchTiming] = []
     with Progress(console=console, transient=True) as progress:
-        cases = [("mlp", 1.0, "random"), ("mlp", 1.0, "trained")]
+        cases = [("mlp", mlp_width, "random"), ("mlp", mlp_width, "trained")]
         cases += [("resnet20", w, "random") for w in widths]
         cases += [("resnet20", w, "trained") for w in trained_widths]
         task = progress.add_task("matching", total=len(cases) * len(seeds))
         for name, width, kind in cases:
             spec = _model(name, width).permutation_spec()
-            label = "mlp 3x512" if name == "mlp" else f"resnet20 x{width:g}"
+            label = f"mlp 3x{round(512 * width)}" if name == "mlp" else f"resnet20 x{width:g}"
             if kind == "trained":
                 a, b = trained_pair(name, width, data_dir, out / "weights", train_steps, progress)
             for seed in seeds:
                 if kind == "random":
                     a, b = random_pair(name, width, seed)
+                a, b = _to(a, device), _to(b, device)
                 match_rows.append(bench_matching(spec, a, b, label, kind, seed, repeats))
                 progress.advance(task)
         merge_rows = []
@@ -251,7 +261,8 @@ def run_benchmark(
             merge_rows += bench_merge(name, clients, seed=seeds[0])
     result = {
         "environment": environment(),
-        "settings": {"widths": widths, "trained_widths": trained_widths, "seeds": seeds,
+        "settings": {"device": device, "mlp_width": mlp_width, "widths": widths, "trained_widths": trained_widths,
+                     "seeds": seeds,
                      "clients": clients, "repeats": repeats, "train_steps": train_steps},
         "matching": [asdict(r) for r in match_rows],
         "merge": [asdict(r) for r in merge_rows],

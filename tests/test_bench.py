@@ -1,0 +1,47 @@
+"""The benchmark command runs end to end on a tiny setting and checks its own results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from simulations.cli import app
+
+
+@pytest.mark.timeout(300)
+def test_bench_writes_tables_and_the_engine_matches_the_textbook(tmp_path, data_dir) -> None:
+    out = tmp_path / "bench"
+    args = ["bench", "--out", str(out), "--widths", "0.25", "--trained-widths", "0.25",
+            "--seeds", "0", "--clients", "2", "3", "--repeats", "1", "--train-steps", "2",
+            "--mlp-width", "0.125", "--data-dir", str(data_dir)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    bench = json.loads((out / "bench.json").read_text())
+    cases = {(r["model"], r["weights"]) for r in bench["matching"]}
+    assert cases == {("mlp 3x64", "random"), ("mlp 3x64", "trained"),
+                     ("resnet20 x0.25", "random"), ("resnet20 x0.25", "trained")}  # fmt: skip
+    for row in bench["matching"]:
+        assert row["identical"], row  # same permutations and objective as the textbook loop
+        assert row["speedup"] == pytest.approx(row["reference_s"] / row["engine_s"])
+        assert row["engine_s_per_sweep"] == pytest.approx(row["engine_s"] / row["sweeps"])
+    merges = {(r["model"], r["method"], r["clients"]) for r in bench["merge"]}
+    assert merges == {(m, method, n) for m in ("mlp", "resnet20")
+                      for method in ("naive", "rebasin", "merge-many") for n in (2, 3)}  # fmt: skip
+    assert all(r["ratio_to_naive"] == 1.0 for r in bench["merge"] if r["method"] == "naive")
+    table = (out / "bench.md").read_text()
+    assert "| resnet20 x0.25 | random | 1 |" in table and "same result" in table
+    assert bench["settings"]["device"] == "cpu"
+    assert list(out.glob("weights/*.safetensors"))  # trained weights cached for re-runs
+
+
+def test_bench_rejects_a_missing_gpu_or_bad_values(tmp_path) -> None:
+    import torch
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["bench", "--out", str(tmp_path), "--repeats", "0"])
+    assert bad.exit_code == 2 and "--repeats" in bad.output
+    if not torch.cuda.is_available():
+        gpu = runner.invoke(app, ["bench", "--out", str(tmp_path), "--device", "cuda"])
+        assert gpu.exit_code == 2 and "no CUDA device here" in gpu.output
