@@ -202,7 +202,6 @@ def plot_lines(rows: Sequence[Mapping], axis: str, title: str, path: Path) -> Pa
         ):
             m, s = _series(rows, method, key, scale)
             ax.errorbar(x, m, yerr=s, capsize=3, ms=4, **style)
-    ax_acc.axhline(100 * RULE_THRESHOLD, color="gray", ls="--", lw=0.8, label="1 point")
     for ax, ylabel in (
         (ax_end, "endpoint test accuracy (%)"),
         (ax_acc, "accuracy barrier (points)"),
@@ -226,6 +225,8 @@ def plot_lines(rows: Sequence[Mapping], axis: str, title: str, path: Path) -> Pa
             ax.minorticks_off()
             mlp = rows[0]["model"] == "mlp"
             ax.set_xlabel("width multiplier (hidden units)" if mlp else "width multiplier")
+    # After the scales are set: drawn before, it widens the x limits of its panel.
+    ax_acc.axhline(100 * RULE_THRESHOLD, color="gray", ls="--", lw=0.8, label="1 point")
     ax_acc.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
