@@ -54,6 +54,7 @@ from flower_processes import (
     wait_for,
     write_flower_config,
 )
+from flwr.common.config import parse_config_args
 from flwr.supercore.cli.flower_superexec import _parse_args as superexec_parser
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink as superlink_parser
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as supernode_parser
@@ -186,8 +187,6 @@ def test_node_configs_data_mounts_and_named_volumes() -> None:
     for region in REGIONS:
         command = [str(p) for p in services[f"supernode-{region}"]["command"]]
         text = command[command.index("--node-config") + 1]
-        from flwr.common.config import parse_config_args
-
         node = NodeDataConfig.from_mapping(parse_config_args([text]), what="node-config")
         partitions.append(node.partition)
         # The ClientApp runs in the executor: the data directory is mounted there, read-only.
