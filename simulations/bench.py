@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,9 @@ def trained_pair(
         rng = np.random.default_rng(i)
         idx = rng.choice(shard, size=min(len(shard), steps * 128), replace=False)
         loader = data.subset(idx).loader(128, shuffle=True, seed=i)
-        train(model, loader, 1, 0.05, progress=progress, description=f"train {name} x{width:g} #{i}")
+        train(
+            model, loader, 1, 0.05, progress=progress, description=f"train {name} x{width:g} #{i}"
+        )
         save_file(model.state_dict(), str(paths[i]))
         out.append(model.state_dict())
     return out[0], out[1]
@@ -121,7 +124,12 @@ def _median_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]
 
 
 def bench_matching(
-    spec: PermutationSpec, a: StateDict, b: StateDict, model: str, weights: str, seed: int,
+    spec: PermutationSpec,
+    a: StateDict,
+    b: StateDict,
+    model: str,
+    weights: str,
+    seed: int,
     repeats: int,
 ) -> MatchTiming:
     """Time the engine and the textbook matcher on the same pair and seed."""
@@ -131,8 +139,16 @@ def bench_matching(
         torch.equal(fast.perms[p], slow.perms[p]) for p in fast.perms
     )
     return MatchTiming(
-        model, weights, seed, fast_s, slow_s, slow_s / fast_s, fast.sweeps,
-        fast_s / fast.sweeps, fast.objective[-1], identical,
+        model,
+        weights,
+        seed,
+        fast_s,
+        slow_s,
+        slow_s / fast_s,
+        fast.sweeps,
+        fast_s / fast.sweeps,
+        fast.objective[-1],
+        identical,
     )
 
 
@@ -189,9 +205,9 @@ def bench_merge(model: str, clients: list[int], seed: int) -> list[MergeTiming]:
         states = client_models(spec, net.state_dict(), n, seed)
         weights = [float(100 + i) for i in range(n)]
         methods = {
-            "naive": lambda: average(states, weights),
-            "rebasin": lambda: merge_to_reference(spec, states, weights, reference=0, seed=seed),
-            "merge-many": lambda: merge_many(spec, states, weights, seed=seed),
+            "naive": partial(average, states, weights),
+            "rebasin": partial(merge_to_reference, spec, states, weights, reference=0, seed=seed),
+            "merge-many": partial(merge_many, spec, states, weights, seed=seed),
         }
         naive_s = None
         for method, fn in methods.items():
@@ -203,7 +219,9 @@ def bench_merge(model: str, clients: list[int], seed: int) -> list[MergeTiming]:
                 seconds = time.perf_counter() - start
             naive_s = seconds if method == "naive" else naive_s
             rows.append(
-                MergeTiming(model, method, n, seconds, seconds / n, mem.extra_mib, seconds / naive_s)
+                MergeTiming(
+                    model, method, n, seconds, seconds / n, mem.extra_mib, seconds / naive_s
+                )
             )
     return rows
 
@@ -261,9 +279,16 @@ def run_benchmark(
             merge_rows += bench_merge(name, clients, seed=seeds[0])
     result = {
         "environment": environment(),
-        "settings": {"device": device, "mlp_width": mlp_width, "widths": widths, "trained_widths": trained_widths,
-                     "seeds": seeds,
-                     "clients": clients, "repeats": repeats, "train_steps": train_steps},
+        "settings": {
+            "device": device,
+            "mlp_width": mlp_width,
+            "widths": widths,
+            "trained_widths": trained_widths,
+            "seeds": seeds,
+            "clients": clients,
+            "repeats": repeats,
+            "train_steps": train_steps,
+        },
         "matching": [asdict(r) for r in match_rows],
         "merge": [asdict(r) for r in merge_rows],
     }
@@ -280,10 +305,26 @@ def _summarise(rows: list[dict]) -> list[dict]:
         groups.setdefault((r["model"], r["weights"]), []).append(r)
     out = []
     for (model, weights), rs in groups.items():
-        mean = {k: float(np.mean([r[k] for r in rs])) for k in
-                ("engine_s", "reference_s", "speedup", "sweeps", "engine_s_per_sweep", "objective")}
-        out.append({"model": model, "weights": weights, "seeds": len(rs),
-                    "identical": all(r["identical"] for r in rs), **mean})
+        mean = {
+            k: float(np.mean([r[k] for r in rs]))
+            for k in (
+                "engine_s",
+                "reference_s",
+                "speedup",
+                "sweeps",
+                "engine_s_per_sweep",
+                "objective",
+            )
+        }
+        out.append(
+            {
+                "model": model,
+                "weights": weights,
+                "seeds": len(rs),
+                "identical": all(r["identical"] for r in rs),
+                **mean,
+            }
+        )
     return out
 
 
@@ -293,7 +334,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"Measured {env['date']} on {env['cpu_count']} CPU cores ({env['machine']}, "
         f"torch {env['torch']}, {env['torch_threads']} threads"
-        + (f", GPU {env['cuda']}" if env["cuda"] else ", no GPU") + ").",
+        + (f", GPU {env['cuda']}" if env["cuda"] else ", no GPU")
+        + ").",
         "",
         "| model | weights | seeds | engine s | textbook s | speed-up | sweeps | s / sweep "
         "| objective | same result |",
@@ -325,13 +367,25 @@ def _print(result: dict) -> None:
     for col in ("model", "weights", "engine s", "textbook s", "speed-up", "sweeps", "same"):
         table.add_column(col)
     for r in _summarise(result["matching"]):
-        table.add_row(r["model"], r["weights"], f"{r['engine_s']:.3f}", f"{r['reference_s']:.3f}",
-                      f"{r['speedup']:.1f}x", f"{r['sweeps']:.1f}", str(r["identical"]))
+        table.add_row(
+            r["model"],
+            r["weights"],
+            f"{r['engine_s']:.3f}",
+            f"{r['reference_s']:.3f}",
+            f"{r['speedup']:.1f}x",
+            f"{r['sweeps']:.1f}",
+            str(r["identical"]),
+        )
     console.print(table)
     merge = Table(title="server merge of N clients")
     for col in ("model", "method", "N", "seconds", "peak extra MiB"):
         merge.add_column(col)
     for r in result["merge"]:
-        merge.add_row(r["model"], r["method"], str(r["clients"]), f"{r['seconds']:.3f}",
-                      f"{r['peak_extra_mib']:.0f}")
+        merge.add_row(
+            r["model"],
+            r["method"],
+            str(r["clients"]),
+            f"{r['seconds']:.3f}",
+            f"{r['peak_extra_mib']:.0f}",
+        )
     console.print(merge)

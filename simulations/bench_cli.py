@@ -48,6 +48,14 @@ def register(app: typer.Typer) -> None:
         if device == "cuda" and not torch.cuda.is_available():
             raise typer.BadParameter("no CUDA device here", param_hint="--device")
         run_benchmark(
-            out, widths, trained_widths, seeds, clients, repeats, train_steps, data_dir, device,
+            out,
+            widths,
+            trained_widths,
+            seeds,
+            clients,
+            repeats,
+            train_steps,
+            data_dir,
+            device,
             mlp_width,
         )

@@ -182,7 +182,10 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         """The node a reply answers for. Error replies for a node that stopped sending
         heartbeats come from the SuperLink itself, so match by ``reply_to_message_id``."""
         for sent in self._sent:
-            if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
+            if (
+                sent.metadata.message_id
+                and sent.metadata.message_id == msg.metadata.reply_to_message_id
+            ):
                 return sent.metadata.dst_node_id
         return msg.metadata.src_node_id
 

@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from rebasin.merge import average
 from rebasin.models import MLP
 from rebasin.norm import (
-    channel_moments,
     batchnorm_stats,
+    channel_moments,
     combine_batchnorm_stats,
     has_batchnorm,
     load_batchnorm_stats,
@@ -76,7 +76,11 @@ def test_repair_gives_every_hidden_unit_the_interpolated_statistics() -> None:
     for layer in ("layers.0", "layers.1"):
         target = [channel_moments(m, layer, loader, None) for m in endpoints]
         got_mean, got_std = channel_moments(merged, layer, loader, None)
-        torch.testing.assert_close(got_mean, 0.25 * target[0][0] + 0.75 * target[1][0], atol=1e-4, rtol=0)
-        torch.testing.assert_close(got_std, 0.25 * target[0][1] + 0.75 * target[1][1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            got_mean, 0.25 * target[0][0] + 0.75 * target[1][0], atol=1e-4, rtol=0
+        )
+        torch.testing.assert_close(
+            got_std, 0.25 * target[0][1] + 0.75 * target[1][1], atol=1e-4, rtol=1e-4
+        )
     with pytest.raises(ValueError, match="repair needs at least one endpoint model"):
         repair(merged, [], loader)
