@@ -2,12 +2,13 @@
 
 One *point* of a study is a pair of models trained apart (region 0 and region 1 of the US/EU
 split, each from its own initialisation) and the loss/accuracy barrier on the straight path
-between them, measured three ways:
+between them, measured up to four ways:
 
 * ``naive``: the path between the models as they are (what averaging walks on);
 * ``rebasin``: the second model permuted into the first one's basin by weight matching;
-* ``rebasin+bn-reset``: as ``rebasin``, with every model on the path given BatchNorm
-  statistics pooled from both regions' data (only for models with BatchNorm).
+* ``naive+bn-reset`` and ``rebasin+bn-reset``: as ``naive`` and ``rebasin``, with every
+  model on the path given BatchNorm statistics pooled from both regions' data (only for
+  models with BatchNorm; the naive one is the control that tells what the reset alone does).
 
 The barrier of a curve is the largest rise above the endpoints' mean over the lambda grid
 (loss) or the largest drop below it (accuracy), :func:`rebasin.merge.barrier`; the grid
@@ -46,7 +47,6 @@ from simulations.oneshot import spec_of
 
 logger = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = ("naive", "rebasin", "rebasin+bn-reset")
 
 # Widths searched when matching a parameter count: 2^-8 .. 2^5 times the reference width.
 _WIDTH_SEARCH = (2.0**-8, 2.0**5)
@@ -296,19 +296,18 @@ def compare_methods(
     b_aligned = apply_permutation(spec, match.perms, b)
     match_seconds = time.perf_counter() - start
 
-    evaluators: dict[str, Callable[[StateDict], tuple[float, float]]] = {
-        "naive": _evaluator(work, test, batch_size, None, repair_batches, seed),
-        "rebasin": _evaluator(work, test, batch_size, None, repair_batches, seed),
+    plain = _evaluator(work, test, batch_size, None, repair_batches, seed)
+    paths: dict[str, tuple[Mapping, Mapping, Callable[[StateDict], tuple[float, float]]]] = {
+        "naive": (a, b, plain),
+        "rebasin": (a, b_aligned, plain),
     }
-    pairs = {"naive": (a, b), "rebasin": (a, b_aligned)}
     if has_batchnorm(template):
-        evaluators["rebasin+bn-reset"] = _evaluator(
-            work, test, batch_size, bn_sources, repair_batches, seed
-        )
-        pairs["rebasin+bn-reset"] = (a, b_aligned)
+        reset = _evaluator(work, test, batch_size, bn_sources, repair_batches, seed)
+        paths["naive+bn-reset"] = (a, b, reset)
+        paths["rebasin+bn-reset"] = (a, b_aligned, reset)
     methods = {}
-    for name, (x, y) in pairs.items():
-        curve = interpolation_curve(x, y, evaluators[name], lambdas)
+    for name, (x, y, evaluate_point) in paths.items():
+        curve = interpolation_curve(x, y, evaluate_point, lambdas)
         methods[name] = curve_record(curve.lambdas, curve.losses, curve.accuracies)
     naive = methods["naive"]
     return {

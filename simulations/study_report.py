@@ -45,6 +45,7 @@ BARRIER_KEYS = (
 METHOD_STYLE = {
     "naive": {"color": "tab:red", "label": "naive", "marker": "o"},
     "rebasin": {"color": "tab:blue", "label": "re-basin", "marker": "s"},
+    "naive+bn-reset": {"color": "tab:orange", "label": "naive + BN reset", "marker": "v"},
     "rebasin+bn-reset": {"color": "tab:green", "label": "re-basin + BN reset", "marker": "^"},
 }
 MODEL_NAMES = {"mlp": "MLP", "vgg": "VGG-11", "resnet20": "ResNet-20"}
@@ -402,8 +403,8 @@ def render_summary(results: Mapping, plots: Sequence[Path | str] = ()) -> str:
         "below the mean of the endpoints (in percentage points) and the largest rise of test "
         "loss above it; the values at λ = 0.5 alone are in study.json (`midpoint_*`)",
         "- Methods: naive (B as trained), re-basin (B permuted into A's basin by weight "
-        f"matching, at most {config['max_iter']} sweeps), re-basin + BN reset (as re-basin, "
-        f"every model on the path given BatchNorm statistics pooled from "
+        f"matching, at most {config['max_iter']} sweeps), naive / re-basin + BN reset (the "
+        "same paths, every model on them given BatchNorm statistics pooled from "
         f"{config['repair_batches']} batches of each region; models with BatchNorm only)",
         "",
     ]
