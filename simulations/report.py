@@ -102,7 +102,12 @@ def _header(results: Mapping) -> list[str]:
         f"- Model: {exp['model']} width {exp['width']}"
         + (f", norm {exp['norm']}" if exp["model"] != "mlp" else "")
         + f"; {exp['epochs']} epoch(s), {exp['optimizer']} lr {exp['lr']}, "
-        f"batch {exp['batch_size']}, weight decay {exp['weight_decay']}",
+        f"batch {exp['batch_size']}"
+        + (
+            f", weight decay {exp['weight_decay']} (one-shot)"
+            if config["mode"] != "multi-round"
+            else ""
+        ),
         f"- Seeds: {seeds} (cells: mean ± sample std over the seeds)",
     ]
     if config.get("multi_round") and config["mode"] != "one-shot":
@@ -111,7 +116,8 @@ def _header(results: Mapping) -> list[str]:
             f"- Multi-round: {mr['rounds']} rounds of {exp['epochs']} local epoch(s), strategies "
             + ", ".join(STRATEGY_NAMES.get(s, s) for s in mr["strategies"])
             + f", independent start {'yes' if mr['independent_start'] else 'no'}, "
-            f"BatchNorm recalibration {'yes' if mr['bn_recalibration'] else 'no'}"
+            f"BatchNorm recalibration {'yes' if mr['bn_recalibration'] else 'no'}; the "
+            "ClientApp trains without weight decay"
         )
     return lines
 
