@@ -81,7 +81,8 @@ def local_data(config: TrainingConfig, node: NodeDataConfig, train: bool) -> Lab
     )
 
 
-@functools.lru_cache(maxsize=4)
+# Keyed per node and split: simulations run many clients in one process.
+@functools.lru_cache(maxsize=64)
 def _local_data_cached(
     dataset: str,
     data_dir: Path,
