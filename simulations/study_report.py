@@ -274,10 +274,12 @@ def plot_architectures(rows: Sequence[Mapping], title: str, path: Path) -> Path:
         ax.set_xticks(x, names, fontsize=7)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, axis="y")
-    ax_acc.axhline(100 * RULE_THRESHOLD, color="gray", ls="--", lw=0.8)
-    ax_acc.legend(fontsize=7)
+    ax_acc.axhline(100 * RULE_THRESHOLD, color="gray", ls="--", lw=0.8, label="1 point")
+    # One legend below the panels: inside, it would cover the bars.
+    handles, labels = ax_acc.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path
