@@ -2,8 +2,8 @@
 architecture, on the US/EU split.
 
 Three studies, each measuring pairs of models trained apart on the two regions' data
-(:mod:`simulations.study_measure`) and the barrier on the path between them, naive, after
-re-basin, and after re-basin with pooled BatchNorm statistics (models with BatchNorm):
+(:mod:`simulations.study_measure`) and the barrier on the path between them, naive and after
+re-basin, and for models with BatchNorm both again with pooled BatchNorm statistics:
 
 * ``progress``: one pair of ``--model`` at ``--width``, measured at several points of its
   training (``--checkpoints``, in epochs; 0 is the initialisation);
@@ -372,8 +372,8 @@ def study_command(
 
     Each point trains two models apart on the US/EU split (region 0 and region 1, each from
     its own initialisation) and measures the loss and accuracy barrier on the straight path
-    between them: naive, after re-basin, and after re-basin with pooled BatchNorm
-    statistics (models with BatchNorm). Outputs: study.json, summary.md and PNG plots.
+    between them: naive and after re-basin, and for models with BatchNorm both again with
+    BatchNorm statistics pooled from the regions. Outputs: study.json, summary.md, PNG plots.
     """
     from pydantic import ValidationError
 
