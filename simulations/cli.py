@@ -8,8 +8,8 @@ Adding a subcommand
 A module that contributes commands defines ``register(app: typer.Typer) -> None`` and adds
 its commands there (``@app.command()``); its name goes into :data:`COMMAND_MODULES`. Modules
 are imported when the CLI starts, so keep their top level light (import torch and friends
-inside the command functions) and ``rebasin --help`` stays fast. A listed module that does
-not exist yet is skipped; one that fails to import fails loudly.
+inside the command functions) and ``rebasin --help`` stays fast; one that fails to import
+fails loudly.
 
 Options that take several values (``--seeds 0 1 2``, ``--strategies fedavg rebasin``) are
 declared as lists and named in the command's ``greedy`` set (see :class:`GreedyCommand`);
@@ -19,7 +19,6 @@ declared as lists and named in the command's ``greedy`` set (see :class:`GreedyC
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import shlex
 import sys
@@ -120,7 +119,7 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 # simulate
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
     level = logging.INFO if verbose else logging.WARNING
@@ -258,7 +257,7 @@ def simulate(
     except (ValidationError, ValueError) as exc:
         raise fail("invalid settings:\n" + describe_validation_error(exc)) from None
     out_dir = out or Path("results") / default_run_name(scenario, dataset, model, width, mode)
-    _setup_logging(verbose)
+    setup_logging(verbose)
     _run(cfg, out_dir, data_dir, threads)
 
 
@@ -344,8 +343,6 @@ def report(
 
 def _register_command_modules() -> None:
     for name in COMMAND_MODULES:
-        if importlib.util.find_spec(name) is None:
-            continue
         module = importlib.import_module(name)
         register = getattr(module, "register", None)
         if register is None:

@@ -377,7 +377,7 @@ def study_command(
     """
     from pydantic import ValidationError
 
-    from simulations.cli import _setup_logging, describe_validation_error, fail
+    from simulations.cli import describe_validation_error, fail, setup_logging
 
     if threads is not None and threads < 1:
         raise fail(f"--threads = {threads}: must be >= 1")
@@ -408,7 +408,7 @@ def study_command(
     except ValidationError as exc:
         raise fail("invalid settings:\n" + describe_validation_error(exc)) from None
     out_dir = out or Path("results") / default_run_name(cfg)
-    _setup_logging(verbose)
+    setup_logging(verbose)
     _run(cfg, out_dir, data_dir, threads)
 
 
