@@ -203,6 +203,9 @@ def simulate(
         Path | None,
         typer.Option(envvar="REBASIN_DATA_DIR", help="data directory (MNIST/raw, CIFAR-10)"),
     ] = None,
+    download: Annotated[
+        bool, typer.Option("--download", help="download the dataset with torchvision if missing")
+    ] = False,
     out: Annotated[
         Path | None, typer.Option(help="results directory (default: results/<run-name>)")
     ] = None,
@@ -258,7 +261,17 @@ def simulate(
         raise fail("invalid settings:\n" + describe_validation_error(exc)) from None
     out_dir = out or Path("results") / default_run_name(scenario, dataset, model, width, mode)
     setup_logging(verbose)
+    if download:
+        fetch_dataset(dataset, data_dir)
     _run(cfg, out_dir, data_dir, threads)
+
+
+def fetch_dataset(dataset: str, data_dir: Path | None) -> None:
+    """Make sure both splits of ``dataset`` are in the data directory (torchvision download)."""
+    from rebasin.data import load_dataset
+
+    for train in (True, False):
+        load_dataset(dataset, train, data_dir, download=True)  # type: ignore[arg-type]
 
 
 def _run(cfg, out_dir: Path, data_dir: Path | None, threads: int | None) -> None:

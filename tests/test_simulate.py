@@ -430,3 +430,28 @@ def test_report_command_redraws_from_the_json(
     missing = runner.invoke(cli.app, ["report", str(tmp_path / "nothing")])
     assert missing.exit_code == 1
     assert "no results.json in" in missing.output
+
+
+def test_download_flag_fetches_both_splits_before_the_run(monkeypatch, tmp_path) -> None:
+    import rebasin.data
+    import simulations.cli as cli
+
+    calls = []
+    monkeypatch.setattr(
+        rebasin.data, "load_dataset", lambda *a, **k: calls.append((a, k["download"]))
+    )
+    cli.fetch_dataset("cifar10", tmp_path)
+    assert calls == [(("cifar10", True, tmp_path), True), (("cifar10", False, tmp_path), True)]
+
+    class Fetched(Exception):
+        pass
+
+    def fetch(dataset, data_dir):
+        raise Fetched(dataset, data_dir)
+
+    monkeypatch.setattr(cli, "fetch_dataset", fetch)
+    result = CliRunner().invoke(
+        cli.app, ["simulate", "--download", "--data-dir", str(tmp_path), "--out", str(tmp_path)]
+    )
+    assert isinstance(result.exception, Fetched)
+    assert result.exception.args == ("mnist", tmp_path)
