@@ -274,17 +274,29 @@ def fetch_dataset(dataset: str, data_dir: Path | None) -> None:
         load_dataset(dataset, train, data_dir, download=True)  # type: ignore[arg-type]
 
 
+def command_line() -> str:
+    """How this process was called, to record in results: ``rebasin simulate ...``."""
+    return "rebasin " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def progress_bars(console):
+    """The commands' transient progress display: description, bar, count, elapsed time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
 def _run(cfg, out_dir: Path, data_dir: Path | None, threads: int | None) -> None:
     """Run ``cfg`` with progress bars; print a per-seed line and where the outputs are."""
     import torch
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
 
     from simulations.experiment import run_simulate
     from simulations.report import pct
@@ -305,16 +317,9 @@ def _run(cfg, out_dir: Path, data_dir: Path | None, threads: int | None) -> None
             ]
             console.print(f"[bold]seed {seed}[/] multi-round final: " + ", ".join(parts))
 
-    command = "rebasin " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     start = time.perf_counter()
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
+    progress = progress_bars(console)
     try:
         with progress:
             results = run_simulate(

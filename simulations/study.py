@@ -22,8 +22,6 @@ This module is imported when the CLI starts; torch and the measuring code are im
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -416,15 +414,8 @@ def _run(cfg: StudyConfig, out_dir: Path, data_dir: Path | None, threads: int | 
     """Run ``cfg`` with progress bars; print a line per pair and where the outputs are."""
     import torch
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
 
-    from simulations.cli import fail
+    from simulations.cli import command_line, fail, progress_bars
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -440,16 +431,9 @@ def _run(cfg: StudyConfig, out_dir: Path, data_dir: Path | None, threads: int | 
             f"epoch {last['epoch']:g}: accuracy barrier (points) {barriers}"
         )
 
-    command = "rebasin " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     start = time.perf_counter()
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
+    progress = progress_bars(console)
     try:
         with progress:
             run_study(cfg, out_dir, data_dir, progress=progress, command=command, on_pair=on_pair)
