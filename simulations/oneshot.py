@@ -23,7 +23,7 @@ from rich.progress import Progress
 from torch import nn
 
 from rebasin.data import LabeledData, load_dataset
-from rebasin.merge import average, interpolation_curve, merge_many, merge_to_reference
+from rebasin.merge import average, interpolation_curve, merge_many
 from rebasin.norm import (
     batchnorm_stats,
     combine_batchnorm_stats,
@@ -169,14 +169,15 @@ def run_oneshot(
         timings[name] = time.perf_counter() - start
         return out
 
+    def rebasin() -> StateDict:
+        # The aligned clients are kept: REPAIR needs them too (one matching per client).
+        aligned_states[:] = _align_to(spec, states, largest, seed, cfg.max_iter)
+        return average(aligned_states, sizes)
+
+    aligned_states: list[StateDict] = []
     merged: dict[str, StateDict] = {
         "naive": timed("naive", lambda: average(states, sizes)),
-        "rebasin": timed(
-            "rebasin",
-            lambda: merge_to_reference(
-                spec, states, sizes, reference=largest, seed=seed, max_iter=cfg.max_iter
-            ),
-        ),
+        "rebasin": timed("rebasin", rebasin),
         "merge-many": timed(
             "merge-many",
             lambda: merge_many(spec, states, sizes, seed=seed, max_iter=cfg.max_iter),
@@ -194,7 +195,7 @@ def run_oneshot(
             stats = [batchnorm_stats(model, ld, cfg.repair_batches) for ld in repair_loaders]
             models[f"{base}+bn-reset"] = load_batchnorm_stats(model, combine_batchnorm_stats(stats))
         elif base == "rebasin":
-            aligned = _aligned_clients(spec, states, largest, seed, cfg.max_iter, template)
+            aligned = [_load(template, sd) for sd in aligned_states]
             pooled = train_set.subset(np.concatenate(shards)).loader(
                 cfg.batch_size, shuffle=True, seed=seed
             )
@@ -208,16 +209,12 @@ def run_oneshot(
             for idx in shards
         ],
         "clients": [model_metrics(m, test_set, cfg.batch_size) for m in clients],
-        "methods": {
-            name: model_metrics(m, test_set, cfg.batch_size) for name, m in models.items()
-        },
+        "methods": {name: model_metrics(m, test_set, cfg.batch_size) for name, m in models.items()},
         "merge_seconds": timings,
     }
     logits = [predict_logits(m, test_set.loader(cfg.batch_size)) for m in clients]
     mean_logits = sum(w * lg for w, (lg, _) in zip(sizes, logits)) / sum(sizes)
-    results["methods"]["ensemble"] = logit_metrics(
-        mean_logits, logits[0][1], test_set.num_classes
-    )
+    results["methods"]["ensemble"] = logit_metrics(mean_logits, logits[0][1], test_set.num_classes)
     if cfg.centralized:
         pooled_model = fit(
             fresh(1000 * seed + 999),
@@ -225,9 +222,7 @@ def run_oneshot(
             "centralized",
             1000 * seed + 999,
         )
-        results["methods"]["centralized"] = model_metrics(
-            pooled_model, test_set, cfg.batch_size
-        )
+        results["methods"]["centralized"] = model_metrics(pooled_model, test_set, cfg.batch_size)
     if len(clients) >= 2:
         results["interpolation"] = _interpolation(
             cfg, spec, states, template, test_set, repair_loaders, seed
@@ -235,24 +230,22 @@ def run_oneshot(
     return results
 
 
-def _aligned_clients(
+def _align_to(
     spec: PermutationSpec,
     states: Sequence[StateDict],
     reference: int,
     seed: int,
     max_iter: int,
-    template: nn.Module,
-) -> list[nn.Module]:
+) -> list[StateDict]:
+    """Every client aligned to client ``reference`` (as ``merge_to_reference`` does)."""
     from rebasin.merge import align_to_reference
 
-    out = []
-    for i, sd in enumerate(states):
-        if i != reference:
-            sd, _ = align_to_reference(
-                spec, states[reference], sd, seed=seed + i, max_iter=max_iter
-            )
-        out.append(_load(template, sd))
-    return out
+    return [
+        sd
+        if i == reference
+        else align_to_reference(spec, states[reference], sd, seed=seed + i, max_iter=max_iter)[0]
+        for i, sd in enumerate(states)
+    ]
 
 
 def _interpolation(
