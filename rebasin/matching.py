@@ -241,30 +241,39 @@ class _MatchContext:
             self.perms = {p: t.to(self.device) for p, t in identity_perms(spec, reference).items()}
         else:
             self.perms = _check_init(init, self.sizes, self.device)
+        # Permutations that are not (or no longer) the identity; the others need no gather.
+        self.moved = {
+            p
+            for p, perm in self.perms.items()
+            if not torch.equal(perm, torch.arange(perm.numel(), device=perm.device))
+        }
         self.current_perm = ""
 
     def b_rows(self, key: str, axis: int, perms: Perms) -> torch.Tensor:
         """B's weight ``key`` with every permutation but the one on ``axis`` applied, as rows.
 
         B is kept with ``axis`` moved first (contiguous), so the gathers below are the only
-        copy and the final reshape is a view.
+        copy and the final reshape is a view. Identity permutations are not gathered: the
+        result is the same tensor, bit for bit.
         """
         tensor = self.b_moved.get((key, axis))
         if tensor is None:
             tensor = self.b_moved[(key, axis)] = torch.movedim(self.b[key], axis, 0).contiguous()
         for i, p in enumerate(self.spec.axes_to_perm[key]):
-            if p is not None and i != axis:
+            if p is not None and i != axis and p in self.moved:
                 tensor = permute_axis(tensor, i + 1 if i < axis else i, perms[p])
         return tensor.reshape(self.a_rows[(key, axis)].shape[0], -1)
 
     def objective(self, perms: Perms) -> float:
-        permuted = apply_permutation(self.spec, perms, self.b)
-        return float(
-            sum(
-                torch.vdot(self.a[k].double().flatten(), permuted[k].double().flatten())
-                for k in self.keys
-            )
-        )
+        """``sum_w <A_w, pi(B_w)>``, from float32 dot products summed in float64."""
+        total = 0.0
+        for key in self.keys:
+            b = self.b[key]
+            for axis, p in enumerate(self.spec.axes_to_perm[key]):
+                if p is not None and p in self.moved:
+                    b = permute_axis(b, axis, perms[p])
+            total += float(torch.dot(self.a[key].flatten(), b.flatten()))
+        return total
 
     def descend(self, seed: int, similarity: _CachedSimilarity | _RebuiltSimilarity) -> MatchResult:
         """Algorithm 1: sweep the permutations in a seeded random order until none improves."""
@@ -279,17 +288,19 @@ class _MatchContext:
                 p = self.current_perm = self.names[idx]
                 if similarity.unchanged(p):
                     continue  # same S_P as when last solved: no gain possible
-                n = self.sizes[p]
-                sim = torch.zeros((n, n), dtype=self.dtype, device=self.device)
+                sim = None
                 for key, axis in self.spec.perm_to_axes[p]:
                     if (key, axis) in self.a_rows:
-                        sim += similarity.term(key, axis, perms)
+                        term = similarity.term(key, axis, perms)
+                        # 0 + t == t exactly, so starting from the first term saves a zero fill.
+                        sim = term.clone() if sim is None else sim.add_(term)
                 sim_cpu = sim.cpu().double().numpy()
                 rows, cols = linear_sum_assignment(sim_cpu, maximize=True)
                 old = float(sim_cpu[rows, perms[p].cpu().numpy()].sum())
                 new = float(sim_cpu[rows, cols].sum())
                 if new - old > _REL_TOL * max(1.0, abs(old)):
                     perms[p] = torch.as_tensor(cols, device=self.device)
+                    self.moved.add(p)
                     similarity.updated(p)
                     total += new - old
                     progress = True
