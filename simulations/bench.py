@@ -49,6 +49,10 @@ class MatchTiming:
     engine_s_per_sweep: float
     objective: float
     identical: bool
+    engine_products: int
+    reference_products: int
+    engine_solves: int
+    reference_solves: int
 
 
 @dataclass
@@ -149,6 +153,10 @@ def bench_matching(
         fast_s / fast.sweeps,
         fast.objective[-1],
         identical,
+        fast.products,
+        slow.products,
+        fast.solves,
+        slow.solves,
     )
 
 
@@ -314,6 +322,10 @@ def _summarise(rows: list[dict]) -> list[dict]:
                 "sweeps",
                 "engine_s_per_sweep",
                 "objective",
+                "engine_products",
+                "reference_products",
+                "engine_solves",
+                "reference_solves",
             )
         }
         out.append(
@@ -338,14 +350,16 @@ def markdown(result: dict) -> str:
         + ").",
         "",
         "| model | weights | seeds | engine s | textbook s | speed-up | sweeps | s / sweep "
-        "| objective | same result |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| products engine / textbook | solves engine / textbook | objective | same result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in _summarise(result["matching"]):
         lines.append(
             f"| {r['model']} | {r['weights']} | {r['seeds']} | {r['engine_s']:.3f} | "
             f"{r['reference_s']:.3f} | {r['speedup']:.1f}x | {r['sweeps']:.1f} | "
-            f"{r['engine_s_per_sweep']:.4f} | {r['objective']:.1f} | "
+            f"{r['engine_s_per_sweep']:.4f} | "
+            f"{r['engine_products']:.0f} / {r['reference_products']:.0f} | "
+            f"{r['engine_solves']:.0f} / {r['reference_solves']:.0f} | {r['objective']:.1f} | "
             f"{'yes' if r['identical'] else 'NO'} |"
         )
     lines += [

@@ -26,12 +26,15 @@ def test_bench_writes_tables_and_the_engine_matches_the_textbook(tmp_path, data_
         assert row["identical"], row  # same permutations and objective as the textbook loop
         assert row["speedup"] == pytest.approx(row["reference_s"] / row["engine_s"])
         assert row["engine_s_per_sweep"] == pytest.approx(row["engine_s"] / row["sweeps"])
+        assert 0 < row["engine_products"] < row["reference_products"]
+        assert 0 < row["engine_solves"] < row["reference_solves"]
     merges = {(r["model"], r["method"], r["clients"]) for r in bench["merge"]}
     assert merges == {(m, method, n) for m in ("mlp", "resnet20")
                       for method in ("naive", "rebasin", "merge-many") for n in (2, 3)}  # fmt: skip
     assert all(r["ratio_to_naive"] == 1.0 for r in bench["merge"] if r["method"] == "naive")
     table = (out / "bench.md").read_text()
     assert "| resnet20 x0.25 | random | 1 |" in table and "same result" in table
+    assert "products engine / textbook" in table
     assert bench["settings"]["device"] == "cpu"
     assert list(out.glob("weights/*.safetensors"))  # trained weights cached for re-runs
 
