@@ -79,7 +79,12 @@ def train(msg: Message, context: Context) -> Message:
     model.to(config.torch_device)
     loader = data.loader(config.batch_size, shuffle=True, seed=config.seed + server_round)
     loss = train_model(
-        model, loader, config.local_epochs, config.learning_rate, optimizer=config.optimizer
+        model,
+        loader,
+        config.local_epochs,
+        config.learning_rate,
+        optimizer=config.optimizer,
+        weight_decay=config.weight_decay,
     )
     content = RecordDict(
         {

@@ -109,7 +109,7 @@ def server_evaluation(
     config: ServerConfig, round_offset: int
 ) -> Callable[[int, ArrayRecord], MetricRecord]:
     """Flower's ``evaluate_fn``: the global model's loss and accuracy on the test set."""
-    test = load_dataset(config.dataset, train=False)
+    test = load_dataset(config.dataset, train=False, data_dir=config.server_data_path)
     if config.server_eval_examples:
         test = test.subset(range(min(config.server_eval_examples, len(test))))
     loader = test.loader(batch_size=256)

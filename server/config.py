@@ -14,6 +14,7 @@ from typing import Any, Literal, Self
 
 from pydantic import ConfigDict, Field, model_validator
 
+from rebasin.data import resolve_data_dir
 from strategies.run_config import TrainingConfig
 
 StrategyName = Literal["rebasin", "fedavg"]
@@ -44,6 +45,9 @@ class ServerConfig(TrainingConfig):
     eval_on_server, server_eval_examples
         Evaluate the global model on the test set on the server before the first and after
         every round, on at most ``server-eval-examples`` examples (0: all).
+    server_data_dir
+        The data directory of that server-side evaluation (``""``: ``$REBASIN_DATA_DIR``,
+        else ``./data``). A relative path is relative to the ServerApp's working directory.
     bn_recalibration
         After each merge, recompute the BatchNorm statistics from the clients' data (query
         messages; needs a model with BatchNorm).
@@ -69,6 +73,7 @@ class ServerConfig(TrainingConfig):
     max_iter: int = Field(default=100, ge=1)
     eval_on_server: bool = True
     server_eval_examples: int = Field(default=0, ge=0)
+    server_data_dir: str = ""
     bn_recalibration: bool = False
     checkpoint_dir: str = "checkpoints"
     resume_from: str = ""
@@ -83,6 +88,11 @@ class ServerConfig(TrainingConfig):
                 "model 'vgg'/'resnet20' with norm 'batch'"
             )
         return self
+
+    @property
+    def server_data_path(self) -> Path:
+        """The data directory of the server-side evaluation, resolved."""
+        return resolve_data_dir(self.server_data_dir or None)
 
     @property
     def checkpoint_path(self) -> Path | None:

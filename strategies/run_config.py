@@ -88,13 +88,16 @@ class TrainingConfig(KebabConfig):
         the convolutional models (``batch``, ``layer``, ``none``).
     dataset
         ``mnist`` or ``cifar10``; the data directory comes from each node's node-config
-        (``data-dir``) or ``$REBASIN_DATA_DIR``.
+        (``data-dir``) or ``$REBASIN_DATA_DIR`` (the server's from ``server-data-dir``).
     partitioning
         How the training and test sets are split among ``num-partitions`` clients: ``iid``,
         ``dirichlet`` (``dirichlet-alpha``), ``pathological`` (``classes-per-client``) or
         ``region`` (each region keeps ``region-own-fraction`` of its own classes).
     local_epochs, learning_rate, batch_size, optimizer
         Local training per round (SGD with momentum and a cosine schedule, or Adam).
+    weight_decay
+        L2 weight decay of the local optimiser (0: none, the default; the one-shot
+        simulations use 5e-4).
     seed
         Seeds the initial global model, the partition and data order.
     independent_start
@@ -119,6 +122,7 @@ class TrainingConfig(KebabConfig):
     learning_rate: float = Field(default=0.05, gt=0)
     batch_size: int = Field(default=32, ge=1)
     optimizer: OptimizerName = "sgd"
+    weight_decay: float = Field(default=0.0, ge=0)
     seed: int = Field(default=0, ge=0)
     independent_start: bool = False
     max_examples: int = Field(default=0, ge=0)

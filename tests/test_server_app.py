@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 import client.app as client_app_module
+import server.app as server_app_module
 from client.app import app as client_app
 from client.app import own_seed
 from client.config import NodeDataConfig
@@ -29,7 +30,7 @@ from rebasin.norm import batchnorm_stats, combine_batchnorm_stats
 from rebasin.partition import region_split
 from rebasin.spec import is_running_stat
 from rebasin.train import train as train_model
-from server.app import METRICS_FILE, run_server
+from server.app import METRICS_FILE, run_server, server_evaluation
 from server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from server.config import ServerConfig
 from server.recalibration import batchnorm_layer_sizes, recalibrate_batchnorm
@@ -268,6 +269,96 @@ def test_independent_start_trains_round_one_from_each_nodes_own_seed(
         == 2
     )
     assert own_seed(config, NodeDataConfig.from_mapping({"seed": 77}), 5) == 77
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_clients_train_with_the_run_configs_weight_decay(
+    tmp_path: Path, weight_decay: float
+) -> None:
+    run_config, config = _config(
+        tmp_path,
+        **{
+            "num-server-rounds": 1,
+            "weight-decay": weight_decay,
+            "fraction-evaluate": 0.0,
+            "eval-on-server": False,
+        },
+    )
+    grid = GridWithDeadNodes(run_config)
+    run_server(grid, config)
+
+    def trained(data: LabeledData, **decay: float) -> dict[str, torch.Tensor]:
+        model = config.build_model()
+        loader = data.loader(config.batch_size, shuffle=True, seed=config.seed + 1)
+        train_model(model, loader, config.local_epochs, config.learning_rate, **decay)
+        return model.state_dict()
+
+    for i, node_id in enumerate(NODES):
+        node = NodeDataConfig.from_mapping({"partition-id": i, "num-partitions": 2})
+        data = local_data(config, node, train=True)
+        (reply,) = [r for r in grid.replies if r.metadata.src_node_id == node_id]
+        got = _state(reply.content.array_records["arrays"])
+        plain = trained(data)  # train() as called before weight-decay existed
+        if weight_decay == 0.0:
+            assert all(torch.equal(got[k], v) for k, v in plain.items())
+        else:
+            expected = trained(data, weight_decay=weight_decay)
+            assert all(torch.equal(got[k], v) for k, v in expected.items())
+            assert not all(torch.equal(got[k], v) for k, v in plain.items())
+
+
+def test_weight_decay_reaches_the_optimiser() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+    batches = [(x, y)]
+
+    def one_step(**decay: float) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        train_model(model, batches, epochs=1, lr=0.1, **decay)
+        return model.weight.detach().clone()
+
+    torch.manual_seed(0)
+    start = torch.nn.Linear(4, 3).weight.detach().clone()
+    plain, zero, decayed = one_step(), one_step(weight_decay=0.0), one_step(weight_decay=0.5)
+    assert torch.equal(plain, zero)
+    # SGD's first step: w - lr * (grad + wd * w), so the two runs differ by lr * wd * w.
+    torch.testing.assert_close(decayed, plain - 0.1 * 0.5 * start)
+
+
+# --- server-side evaluation data -----------------------------------------------------------
+
+
+def test_server_evaluation_reads_server_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_dir: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv("REBASIN_DATA_DIR", str(elsewhere))
+    used: list[object] = []
+    real_load = server_app_module.load_dataset
+
+    def load_dataset_spy(*args, **kwargs):
+        used.append(kwargs.get("data_dir"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(server_app_module, "load_dataset", load_dataset_spy)
+    _, config = _config(tmp_path, **{"server-data-dir": str(data_dir)})
+    arrays = ArrayRecord(config.build_model().state_dict())
+    metrics = server_evaluation(config, round_offset=0)(1, arrays)
+    assert metrics["num-examples"] == 100
+    assert used == [data_dir]
+
+    # Relative to the ServerApp's working directory.
+    monkeypatch.chdir(data_dir.parent)
+    _, config = _config(tmp_path, **{"server-data-dir": data_dir.name})
+    assert server_evaluation(config, round_offset=0)(1, arrays)["num-examples"] == 100
+    assert used[-1] == Path(data_dir.name)
+
+    # Without the key: $REBASIN_DATA_DIR, as before (here a directory without the data).
+    _, config = _config(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"MNIST not found in data directory {elsewhere}"):
+        server_evaluation(config, round_offset=0)
+    assert used[-1] == elsewhere
 
 
 # --- BatchNorm recalibration --------------------------------------------------------------

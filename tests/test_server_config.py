@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +86,14 @@ def test_kebab_keys_map_to_fields_and_ints_are_accepted_for_floats() -> None:
             "equal to 1",
         ),
         (
+            {"weight-decay": -1},
+            "invalid run-config: 'weight-decay' = -1: Input should be greater than or equal to 0",
+        ),
+        (
+            {"server-data-dir": 5},
+            "invalid run-config: 'server-data-dir' = 5: Input should be a valid string",
+        ),
+        (
             {"model": "vgg"},
             "invalid run-config: model 'vgg' needs 3x32x32 images, but dataset 'mnist' has "
             "1x28x28; use model 'mlp' for 'mnist'",
@@ -130,6 +139,42 @@ def test_training_config_is_the_client_view_of_the_server_config() -> None:
     client = server.training_config()
     assert type(client) is TrainingConfig
     assert client.width == 0.5 and client.seed == 3
+
+
+def test_weight_decay_is_a_client_key_validated_on_the_client_side() -> None:
+    assert TrainingConfig.from_mapping({}).weight_decay == 0.0  # published results: none
+    assert TrainingConfig.from_mapping({"weight-decay": 5e-4}).weight_decay == 5e-4
+    with pytest.raises(RunConfigError) as info:
+        TrainingConfig.from_mapping({"weight-decay": -1})
+    assert str(info.value) == (
+        "invalid run-config: 'weight-decay' = -1: Input should be greater than or equal to 0"
+    )
+
+
+def test_server_data_dir_stays_on_the_server() -> None:
+    server = load_server_config({"server-data-dir": "/srv/eval", "weight-decay": 1e-4})
+    assert server.server_data_dir == "/srv/eval"
+    client = server.training_config()
+    assert "server-data-dir" not in client.to_mapping()
+    assert client.weight_decay == 1e-4
+    # The ClientApp gets the whole run-config, server keys included, and ignores them.
+    assert TrainingConfig.from_mapping(server.to_mapping()) == client
+
+
+def test_server_data_path_falls_back_to_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("REBASIN_DATA_DIR", str(tmp_path / "env"))
+    assert load_server_config({}).server_data_path == tmp_path / "env"
+    config = load_server_config({"server-data-dir": str(tmp_path / "key")})
+    assert config.server_data_path == tmp_path / "key"
+    home = load_server_config({"server-data-dir": "~/eval"}).server_data_path
+    assert home == tmp_path / "home" / "eval"
+    # Relative: left for the ServerApp's working directory to resolve.
+    assert load_server_config({"server-data-dir": "eval"}).server_data_path == Path("eval")
+    monkeypatch.delenv("REBASIN_DATA_DIR")
+    assert load_server_config({}).server_data_path == Path("data")
 
 
 def test_cuda_device_without_cuda_is_refused() -> None:
