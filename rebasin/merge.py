@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -139,7 +140,8 @@ def align_many(
 
     Repeat, over the models in a seeded random order: align model ``i`` to the weighted mean
     of all the others (as currently aligned). Stop after a round in which no permutation
-    changed, or after ``max_rounds``.
+    changed, or after ``max_rounds``. :func:`align_many_with_stats` does the same and also
+    says what the matching of each model cost and gained.
 
     Returns
     -------
@@ -147,20 +149,77 @@ def align_many(
         The aligned state dicts and, per model, the permutations that map the input model
         to its aligned version (``apply_permutation(spec, perms[i], models[i])``).
     """
+    result = align_many_with_stats(
+        spec, models, weights, seed=seed, max_rounds=max_rounds, max_iter=max_iter
+    )
+    return result.aligned, result.perms
+
+
+@dataclass(frozen=True)
+class ManyAlignment:
+    """What :func:`align_many_with_stats` did, per model (in the order of the input models).
+
+    Attributes
+    ----------
+    aligned
+        The aligned state dicts.
+    perms
+        The permutations that map each input model to its aligned version.
+    sweeps
+        Weight-matching sweeps spent on each model, summed over all its matchings (0 when
+        there is a single model, which is never matched).
+    seconds
+        Wall time of each model's matching steps (building the mean of the others, matching,
+        permuting, updating the running sum); together about the whole alignment's time.
+    objective_gains
+        Per model, the sum over its matchings of the objective after matching minus before
+        (``sum_w <mean_w, pi(model_w)>``, each against the weighted mean of the other models
+        as aligned at that moment, so not against one fixed target).
+    rounds
+        Rounds over all the models that were run.
+    """
+
+    aligned: list[StateDict]
+    perms: list[Perms]
+    sweeps: list[int]
+    seconds: list[float]
+    objective_gains: list[float]
+    rounds: int
+
+
+def align_many_with_stats(
+    spec: PermutationSpec,
+    models: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float] | None = None,
+    *,
+    seed: int = 0,
+    max_rounds: int = 20,
+    max_iter: int = 100,
+) -> ManyAlignment:
+    """:func:`align_many`, also returning per model the sweeps, time and objective gain.
+
+    The aligned models and permutations are exactly those of :func:`align_many`.
+    """
     weights = _check_models_and_weights(models, weights)
     for i, model in enumerate(models[1:], start=1):
         validate_state_dict(model, models[0], name=f"model {i}")
     aligned = [dict(m) for m in models]
     sizes = spec.perm_sizes(models[0])
     perms = [{p: torch.arange(n) for p, n in sizes.items()} for _ in models]
+    sweeps = [0] * len(models)
+    seconds = [0.0] * len(models)
+    gains = [0.0] * len(models)
+    rounds = 0
     if len(aligned) == 1:
-        return aligned, perms
+        return ManyAlignment(aligned, perms, sweeps, seconds, gains, rounds)
     rng = np.random.default_rng(seed)
     total = sum(weights)
     weighted_sum = _weighted_sum(aligned, weights)
     for _ in range(max_rounds):
+        rounds += 1
         changed = False
         for i in rng.permutation(len(aligned)):
+            start = time.perf_counter()
             w = weights[i]
             others_mean = {
                 k: ((weighted_sum[k] - w * aligned[i][k].double()) / (total - w)).to(v.dtype)
@@ -171,7 +230,10 @@ def align_many(
             result = weight_matching(
                 spec, others_mean, aligned[i], seed=int(rng.integers(2**31)), max_iter=max_iter
             )
+            sweeps[i] += result.sweeps
+            gains[i] += result.objective[-1] - result.objective[0]
             if all(torch.equal(p, torch.arange(p.numel())) for p in result.perms.values()):
+                seconds[i] += time.perf_counter() - start
                 continue
             new = apply_permutation(spec, result.perms, aligned[i])
             for k, v in new.items():
@@ -181,9 +243,10 @@ def align_many(
             # Applying q after p picks unit p[q[j]] of the input: compose once per change.
             perms[i] = {p: perms[i][p][result.perms[p]] for p in perms[i]}
             changed = True
+            seconds[i] += time.perf_counter() - start
         if not changed:
             break
-    return aligned, perms
+    return ManyAlignment(aligned, perms, sweeps, seconds, gains, rounds)
 
 
 def interpolate(

@@ -10,7 +10,9 @@ into :class:`ClientUpdate` values and call :func:`rebasin_aggregate`, which
 2. keeps the previous global model when fewer than ``min_valid`` updates remain;
 3. otherwise aligns each update to the reference by weight matching (warm-started from the
    node's permutations of its last round when that start is better than the identity) and
-   averages the aligned models weighted by their number of examples.
+   averages the aligned models weighted by their number of examples; or, with the
+   ``"merge-many"`` reference, aligns all of them to each other (MergeMany) and takes
+   :func:`rebasin.merge.merge_many`'s average.
 
 The average uses FedAvg's own floating-point arithmetic (``sum_i x_i * (w_i / W)``,
 accumulated in the parameters' dtype, in reply order), so that when matching finds the
@@ -33,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from rebasin.matching import weight_matching
-from rebasin.merge import merge_many
+from rebasin.merge import align_many_with_stats, average
 from rebasin.permute import Perms, apply_permutation, validate_state_dict
 from rebasin.spec import PermutationSpec, SpecError, StateDict, is_running_stat
 
@@ -120,20 +122,30 @@ class ClientUpdate:
 class NodeAlignment:
     """How one client's model was aligned this round.
 
+    With the ``"merge-many"`` reference a client is matched several times, against the
+    weighted mean of the other clients' models as aligned so far (see
+    :class:`rebasin.merge.ManyAlignment`); the fields then sum over those matchings.
+
     Attributes
     ----------
     perms
         Permutation name -> LongTensor on the CPU, applied to the client's model before
         averaging (identity for the reference model itself).
     sweeps
-        Weight-matching sweeps performed (0 for the reference model).
+        Weight-matching sweeps performed (0 for the reference model). MergeMany: summed over
+        all the client's matchings.
     seconds
-        Wall time of matching this client.
+        Wall time of matching this client. MergeMany: this client's share of the alignment,
+        the time of the steps in which it was matched (the shares add up to about the whole
+        MergeMany alignment; the final average is not included).
     objective_gain
         ``sum_w <ref_w, pi(client_w)>`` after matching minus its value without permuting:
-        how much more similar to the reference the client became.
+        how much more similar to the reference the client became. MergeMany: the sum over
+        the client's matchings of the objective after minus before, each against the mean of
+        the others at that moment (a moving target, so not a gain against one model).
     warm_start
-        Whether matching started from this node's permutations of its previous round.
+        Whether matching started from this node's permutations of its previous round (never
+        with MergeMany, which always starts from the identity).
     """
 
     perms: Perms
@@ -158,8 +170,7 @@ class RoundReport:
     dropped
         Node id -> why its reply was not used.
     alignments
-        Node id -> how its model was aligned (empty for MergeMany, which does not report
-        per-client permutations).
+        Node id -> how its model was aligned.
     kept_previous
         True when the previous global model was kept; ``reason`` says why.
     """
@@ -271,7 +282,8 @@ def rebasin_aggregate(
         Node id -> that node's permutations of its previous round. Used as the starting point
         of matching when it already aligns the client better than the identity does (a client
         that keeps its own model between rounds); ignored otherwise (a client that restarted
-        from the global model, which is already in the reference's basin).
+        from the global model, which is already in the reference's basin). Not used by the
+        ``"merge-many"`` reference, whose permutations still go into the report.
     min_valid
         Fewest valid updates needed to merge; with fewer, ``None`` is returned.
     weight_key
@@ -432,14 +444,7 @@ def _align_and_average(
             aligned = apply_permutation(spec, alignment.perms, state_dict)
         alignments[candidate.node_id] = alignment
         acc.add(aligned, candidate.weight)
-        logger.info(
-            "\tnode %s: %d matching sweeps in %.3f s, objective gain %.6g%s",
-            candidate.node_id,
-            alignment.sweeps,
-            alignment.seconds,
-            alignment.objective_gain,
-            " (warm start)" if alignment.warm_start else "",
-        )
+        _log_alignment(candidate.node_id, alignment)
     if acc.empty:
         return None
     valid_total = sum(c.weight for c in candidates if c.node_id not in loader.report.dropped)
@@ -449,20 +454,54 @@ def _align_and_average(
 def _merge_many(
     spec: PermutationSpec, candidates: list[_Candidate], loader: _Loader, options: ReBasinOptions
 ) -> StateDict | None:
-    """Reference ``merge-many``: every valid model in memory, aligned to each other."""
+    """Reference ``merge-many``: every valid model in memory, aligned to each other.
+
+    The result is :func:`rebasin.merge.merge_many`'s, bit for bit (the same alignment, then
+    the same average); each valid node's alignment goes into the report.
+    """
     device = options.torch_device
-    models, weights = [], []
+    node_ids, models, weights = [], [], []
     for candidate in candidates:
         state_dict = loader(candidate)
         if state_dict is not None:
+            node_ids.append(candidate.node_id)
             models.append({k: v.to(device) for k, v in state_dict.items()})
             weights.append(candidate.weight)
     if not models:
         return None
     start = time.perf_counter()
-    merged = merge_many(spec, models, weights, seed=options.seed, max_iter=options.max_iter)
-    logger.info("\tMergeMany over %d models in %.3f s", len(models), time.perf_counter() - start)
+    result = align_many_with_stats(
+        spec, models, weights, seed=options.seed, max_iter=options.max_iter
+    )
+    merged = average(result.aligned, weights)
+    logger.info(
+        "\tMergeMany over %d models: %d rounds in %.3f s",
+        len(models),
+        result.rounds,
+        time.perf_counter() - start,
+    )
+    for i, node_id in enumerate(node_ids):
+        alignment = NodeAlignment(
+            perms=result.perms[i],
+            sweeps=result.sweeps[i],
+            seconds=result.seconds[i],
+            objective_gain=result.objective_gains[i],
+            warm_start=False,
+        )
+        loader.report.alignments[node_id] = alignment
+        _log_alignment(node_id, alignment)
     return {k: v.cpu() for k, v in merged.items()}
+
+
+def _log_alignment(node_id: NodeId, alignment: NodeAlignment) -> None:
+    logger.info(
+        "\tnode %s: %d matching sweeps in %.3f s, objective gain %.6g%s",
+        node_id,
+        alignment.sweeps,
+        alignment.seconds,
+        alignment.objective_gain,
+        " (warm start)" if alignment.warm_start else "",
+    )
 
 
 def _identity_alignment(

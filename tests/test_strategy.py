@@ -25,6 +25,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from pydantic import ValidationError
 from torch import nn
 
+from rebasin.merge import align_many, align_many_with_stats, merge_many
 from rebasin.models import MLP, VGG
 from rebasin.permute import apply_permutation, random_perms
 from rebasin.spec import SpecError
@@ -259,7 +260,109 @@ def test_merge_many_recovers_a_function_equal_model() -> None:
     with torch.no_grad():
         torch.testing.assert_close(merged_model(x), original_model(x), atol=1e-5, rtol=0)
     assert strategy.last_round.valid == [1, 2, 3]
-    assert strategy.last_round.alignments == {}
+    assert sorted(strategy.last_round.alignments) == [1, 2, 3]
+
+
+def test_merge_many_reports_each_nodes_real_permutations(caplog) -> None:
+    original = _sd(_mlp(1))
+    perms_in = {n: random_perms(SPEC, original, seed=n) for n in (1, 2, 4)}
+    models = {n: _permuted(original, seed=n) for n in perms_in}
+    bad = _permuted(original, seed=3)
+    bad["head.bias"][0] = float("nan")
+    replies = [_reply(1, models[1], 10), _reply(2, models[2], 20), _reply(3, bad, 40)]
+    replies.append(_reply(4, models[4], 30))
+    strategy = _strategy(_sd(_mlp(9)), reference="merge-many", seed=5)
+    with caplog.at_level(logging.INFO):
+        arrays, _ = strategy.aggregate_train(1, replies)
+    report = strategy.last_round
+    assert report.valid == [1, 2, 4] and list(report.dropped) == [3]
+
+    # The merged model is merge_many's, bit for bit, computed outside the strategy.
+    valid = [models[n] for n in (1, 2, 4)]
+    expected = merge_many(SPEC, valid, [10.0, 20.0, 30.0], seed=5, max_iter=100)
+    _assert_equal(_tensors(arrays), {k: expected[k] for k in original})
+
+    # Each node's perms map its model into the common basin: all aligned copies are one
+    # model, the original under one permutation (the input's permutation, then the node's).
+    assert sorted(report.alignments) == [1, 2, 4]
+    common = {p: perms_in[1][p][report.alignments[1].perms[p]] for p in report.alignments[1].perms}
+    assert not all(torch.equal(t, torch.arange(t.numel())) for t in common.values())
+    basin = apply_permutation(SPEC, common, original)
+    for n in (1, 2, 4):
+        perms = report.alignments[n].perms
+        for p in common:
+            assert torch.equal(perms_in[n][p][perms[p]], common[p]), (n, p)
+        _assert_equal(apply_permutation(SPEC, perms, models[n]), basin)
+    # Averaging identical copies in float64 is exact: the merged model is that basin's copy.
+    _assert_equal(_tensors(arrays), basin)
+
+    # Sweeps and objective gains are those of the alignment itself, not made up.
+    stats = align_many_with_stats(SPEC, valid, [10.0, 20.0, 30.0], seed=5, max_iter=100)
+    for i, n in enumerate((1, 2, 4)):
+        alignment = report.alignments[n]
+        assert alignment.sweeps == stats.sweeps[i] and alignment.sweeps >= 2  # >= 2 rounds
+        assert alignment.objective_gain == stats.objective_gains[i]
+        assert alignment.seconds > 0 and not alignment.warm_start
+    # With this seed nodes 1 and 2 were moved into node 4's basin; node 4 never moved.
+    assert all(torch.equal(common[p], perms_in[4][p]) for p in common)
+    assert report.alignments[4].objective_gain == 0.0
+    assert report.alignments[1].objective_gain > 0 and report.alignments[2].objective_gain > 0
+    # Stored for the next round like any other reference's permutations.
+    assert set(strategy.warm_starts) == {1, 2, 4}
+    assert all(strategy.warm_starts[n] is report.alignments[n].perms for n in (1, 2, 4))
+    node_lines = [r.getMessage() for r in caplog.records if "matching sweeps" in r.getMessage()]
+    assert [line.split()[1] for line in node_lines] == ["1:", "2:", "4:"]
+
+
+def test_merge_many_of_distinct_models_is_merge_many_s_weighted_average() -> None:
+    # Permuted copies plus a little noise each: the aligned models differ, so the weights and
+    # which node gets which permutations show in the result.
+    original = _sd(_mlp(1))
+    gen = torch.Generator().manual_seed(0)
+    models = [
+        {
+            k: v + 1e-2 * torch.randn(v.shape, generator=gen)
+            for k, v in _permuted(original, n).items()
+        }
+        for n in (1, 2, 3)
+    ]
+    weights = [7.0, 11.0, 13.0]
+    replies = [_reply(n, m, int(w)) for n, m, w in zip((1, 2, 3), models, weights)]
+    strategy = _strategy(_sd(_mlp(9)), reference="merge-many", seed=2)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    expected = merge_many(SPEC, models, weights, seed=2, max_iter=100)
+    _assert_equal(_tensors(arrays), {k: expected[k] for k in original})
+    stats = align_many_with_stats(SPEC, models, weights, seed=2, max_iter=100)
+    for i, n in enumerate((1, 2, 3)):
+        perms = strategy.last_round.alignments[n].perms
+        assert all(torch.equal(perms[p], stats.perms[i][p]) for p in stats.perms[i])
+        _assert_equal(apply_permutation(SPEC, perms, models[i]), stats.aligned[i])
+    assert not torch.equal(stats.aligned[0]["layers.0.weight"], stats.aligned[1]["layers.0.weight"])
+
+
+def test_merge_many_of_a_single_model_reports_the_identity() -> None:
+    original = _sd(_mlp(1))
+    strategy = _strategy(_sd(_mlp(9)), reference="merge-many", min_train_nodes=1)
+    arrays, _ = strategy.aggregate_train(1, [_reply(7, _permuted(original, seed=7))])
+    _assert_equal(_tensors(arrays), _permuted(original, seed=7))
+    alignment = strategy.last_round.alignments[7]
+    assert all(torch.equal(t, torch.arange(t.numel())) for t in alignment.perms.values())
+    assert (alignment.sweeps, alignment.seconds, alignment.objective_gain) == (0, 0.0, 0.0)
+    assert not alignment.warm_start
+
+
+def test_align_many_with_stats_returns_align_many_s_alignment() -> None:
+    original = _sd(_mlp(1))
+    models = [_permuted(original, seed=n) for n in (1, 2, 3)]
+    stats = align_many_with_stats(SPEC, models, [1.0, 2.0, 3.0], seed=4)
+    aligned, perms = align_many(SPEC, models, [1.0, 2.0, 3.0], seed=4)
+    for i in range(3):
+        _assert_equal(stats.aligned[i], aligned[i])
+        assert all(torch.equal(stats.perms[i][p], perms[i][p]) for p in perms[i])
+    # Round 1 matches every model, the last round changes nothing (no more than 20 rounds).
+    assert 2 <= stats.rounds <= 20
+    assert all(s >= 1 for s in stats.sweeps) and all(t > 0 for t in stats.seconds)
+    assert len(stats.objective_gains) == 3
 
 
 # --- warm start ----------------------------------------------------------------------------
