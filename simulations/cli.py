@@ -30,6 +30,20 @@ import click
 import typer
 from typer.core import TyperCommand
 
+from simulations.settings import (
+    BatchSizeOption,
+    DataDirOption,
+    DatasetOption,
+    LearningRateOption,
+    LimitPerClassOption,
+    MaxIterOption,
+    NormOption,
+    OptimizerOption,
+    TestLimitPerClassOption,
+    ThreadsOption,
+    VerboseOption,
+)
+
 logger = logging.getLogger(__name__)
 
 # Modules that register more subcommands (each defines register(app)).
@@ -141,14 +155,12 @@ def simulate(
         str,
         typer.Option(help="us-eu (K regions, each owning its classes), dirichlet, pathological"),
     ] = "us-eu",
-    dataset: Annotated[str, typer.Option(help="mnist or cifar10")] = "mnist",
+    dataset: DatasetOption = "mnist",
     model: Annotated[
         str, typer.Option(help="mlp (any dataset), vgg or resnet20 (cifar10)")
     ] = "mlp",
     width: Annotated[float, typer.Option(help="width multiplier (mlp: 512 x width units)")] = 1.0,
-    norm: Annotated[
-        str, typer.Option(help="vgg/resnet20 normalisation: batch, layer, none")
-    ] = "batch",
+    norm: NormOption = "batch",
     seeds: Annotated[list[int], typer.Option(help="seeds, e.g. --seeds 0 1 2")] = [0],  # noqa: B006
     mode: Annotated[str, typer.Option(help="one-shot, multi-round or both")] = "one-shot",
     epochs: Annotated[int, typer.Option(help="training epochs (local epochs per round)")] = 5,
@@ -163,21 +175,17 @@ def simulate(
         float, typer.Option(help="dirichlet: concentration (smaller: more skew)")
     ] = 0.5,
     classes_per_client: Annotated[int, typer.Option(help="pathological: classes per client")] = 2,
-    lr: Annotated[float, typer.Option(help="learning rate")] = 0.05,
-    optimizer: Annotated[str, typer.Option(help="sgd (momentum, cosine) or adam")] = "sgd",
+    lr: LearningRateOption = 0.05,
+    optimizer: OptimizerOption = "sgd",
     weight_decay: Annotated[float, typer.Option(help="weight decay (one-shot training)")] = 5e-4,
-    batch_size: Annotated[int, typer.Option(help="batch size")] = 128,
-    limit_per_class: Annotated[
-        int | None, typer.Option(help="use the first N training examples of each class")
-    ] = None,
-    test_limit_per_class: Annotated[
-        int | None, typer.Option(help="use the first N test examples of each class")
-    ] = None,
+    batch_size: BatchSizeOption = 128,
+    limit_per_class: LimitPerClassOption = None,
+    test_limit_per_class: TestLimitPerClassOption = None,
     centralized: Annotated[
         bool, typer.Option(help="also train one model on the pooled data (one-shot)")
     ] = True,
     lambdas: Annotated[int, typer.Option(help="points on the interpolation path")] = 11,
-    max_iter: Annotated[int, typer.Option(help="most weight-matching sweeps")] = 100,
+    max_iter: MaxIterOption = 100,
     repair_batches: Annotated[int, typer.Option(help="batches for BatchNorm reset / REPAIR")] = 20,
     strategies: Annotated[
         list[str], typer.Option(help="multi-round strategies: fedavg rebasin")
@@ -199,20 +207,15 @@ def simulate(
     bn_recalibration: Annotated[
         bool, typer.Option(help="multi-round: pool BatchNorm statistics after each merge")
     ] = False,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(envvar="REBASIN_DATA_DIR", help="data directory (MNIST/raw, CIFAR-10)"),
-    ] = None,
+    data_dir: DataDirOption = None,
     download: Annotated[
         bool, typer.Option("--download", help="download the dataset with torchvision if missing")
     ] = False,
     out: Annotated[
         Path | None, typer.Option(help="results directory (default: results/<run-name>)")
     ] = None,
-    threads: Annotated[
-        int | None, typer.Option(help="torch CPU threads (default: torch's)")
-    ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log at INFO")] = False,
+    threads: ThreadsOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Train clients on split data, merge them naively and by re-basin, write a report.
 

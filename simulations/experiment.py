@@ -18,6 +18,7 @@ from rich.progress import Progress
 
 from simulations.multiround import MultiRoundConfig
 from simulations.oneshot import OneShotConfig
+from simulations.settings import check_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +65,7 @@ class SimulateConfig(BaseModel):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if any(s < 0 for s in value):
-            raise ValueError(f"seeds must be >= 0, got {list(value)}")
-        if len(set(value)) != len(value):
-            raise ValueError(f"seeds must be distinct, got {list(value)}")
-        return value
+        return check_seeds(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> SimulateConfig:
@@ -191,8 +188,8 @@ def run_simulate(
     from simulations.report import write_report
     from simulations.results import (
         FORMAT,
-        environment,
         read_results,
+        results_header,
         summarize_multiround,
         summarize_oneshot,
         write_results,
@@ -200,15 +197,7 @@ def run_simulate(
 
     out = Path(out_dir)
     k = cfg.experiment.num_clients
-    results: dict = {
-        "format": FORMAT,
-        "name": out.name,
-        "command": command,
-        "environment": environment(),
-        "config": cfg.model_dump(mode="json"),
-        "seeds": list(cfg.seeds),
-        "data_dir": str(data_dir) if data_dir is not None else None,
-    }
+    results: dict = results_header(FORMAT, out, command, cfg, data_dir)
     start = time.perf_counter()
     if cfg.runs_oneshot:
         results["one_shot"] = {"runs": []}

@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display, also under a test runner
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from simulations.results import group_names  # noqa: E402
 
@@ -59,32 +60,94 @@ def class_labels(dataset: str) -> list[str]:
     return [str(c) for c in range(10)]
 
 
+def save_figure(
+    fig: Figure,
+    path: Path,
+    title: str | None = None,
+    rect: tuple[float, float, float, float] | None = None,
+) -> Path:
+    """Lay out ``fig``, write it to ``path`` and close it; return ``path``.
+
+    Parameters
+    ----------
+    fig
+        The finished figure.
+    path
+        The PNG file to write.
+    title
+        The figure's title above all panels (``None``: none).
+    rect
+        The part of the figure the panels may fill, as ``tight_layout`` takes it (``None``:
+        all of it).
+    """
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _none_to_nan(values: Sequence[float | None]) -> np.ndarray:
     return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
-def plot_interpolation(summary: Mapping, path: Path, names: Sequence[str]) -> Path:
-    """Accuracy and loss along the path between the first two clients' models."""
-    curves = summary["interpolation"]
+def _plot_accuracy_and_loss(
+    lines: Sequence[tuple[Mapping, np.ndarray, Mapping, Mapping]],
+    xlabel: str,
+    title: str,
+    path: Path,
+    xticks: np.ndarray | None = None,
+) -> Path:
+    """Test accuracy (left) and loss (right), each line a mean over seeds with a +-1 std band.
+
+    Parameters
+    ----------
+    lines
+        Per line ``(style, x, accuracy, loss)``: the style's ``color`` and ``label``, the x
+        values, and pointwise ``{"mean": [...], "std": [...]}`` stats of accuracy in [0, 1]
+        (drawn in percent) and of loss.
+    xlabel, title
+        Both panels' x-axis label, and the figure's title.
+    path
+        The PNG file to write.
+    xticks
+        Tick positions of both x axes (default: matplotlib's).
+    """
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=DPI)
-    for curve, data in curves.items():
-        style = CURVE_STYLE.get(curve, {"color": None, "label": curve})
-        lam = np.asarray(data["lambdas"])
-        for ax, key, scale in ((ax_acc, "accuracy", 100.0), (ax_loss, "loss", 1.0)):
-            mean = _none_to_nan(data[key]["mean"]) * scale
-            std = _none_to_nan(data[key]["std"]) * scale
-            ax.plot(lam, mean, marker="o", ms=3, color=style["color"], label=style["label"])
-            ax.fill_between(lam, mean - std, mean + std, color=style["color"], alpha=0.15)
+    for style, x, accuracy, loss in lines:
+        for ax, data, scale in ((ax_acc, accuracy, 100.0), (ax_loss, loss, 1.0)):
+            mean = _none_to_nan(data["mean"]) * scale
+            std = _none_to_nan(data["std"]) * scale
+            ax.plot(x, mean, marker="o", ms=3, color=style["color"], label=style["label"])
+            ax.fill_between(x, mean - std, mean + std, color=style["color"], alpha=0.15)
     for ax, ylabel in ((ax_acc, "test accuracy (%)"), (ax_loss, "test loss")):
-        ax.set_xlabel(f"λ  (0: {names[0]} model, 1: {names[1]} model)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+        if xticks is not None:
+            ax.set_xticks(xticks)
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=8)
-    fig.suptitle("Interpolating between two client models", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
+
+
+def plot_interpolation(summary: Mapping, path: Path, names: Sequence[str]) -> Path:
+    """Accuracy and loss along the path between the first two clients' models."""
+    lines = [
+        (
+            CURVE_STYLE.get(curve, {"color": None, "label": curve}),
+            np.asarray(data["lambdas"]),
+            data["accuracy"],
+            data["loss"],
+        )
+        for curve, data in summary["interpolation"].items()
+    ]
+    return _plot_accuracy_and_loss(
+        lines,
+        f"λ  (0: {names[0]} model, 1: {names[1]} model)",
+        "Interpolating between two client models",
+        path,
+    )
 
 
 def plot_per_class(
@@ -128,34 +191,24 @@ def plot_per_class(
         start += count
     ax.legend(fontsize=7, ncol=min(len(models), 5), loc="lower center", bbox_to_anchor=(0.5, -0.4))
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_rounds(summary: Mapping, path: Path) -> Path:
     """The global model's test accuracy and loss per round, one line per strategy."""
     rounds = np.asarray(summary["rounds"])
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=DPI)
-    for name, data in summary["strategies"].items():
-        style = STRATEGY_STYLE.get(name, {"color": None, "label": name})
-        for ax, key, scale in ((ax_acc, "server_accuracy", 100.0), (ax_loss, "server_loss", 1.0)):
-            mean = _none_to_nan(data[key]["mean"]) * scale
-            std = _none_to_nan(data[key]["std"]) * scale
-            ax.plot(rounds, mean, marker="o", ms=3, color=style["color"], label=style["label"])
-            ax.fill_between(rounds, mean - std, mean + std, color=style["color"], alpha=0.15)
-    for ax, ylabel in ((ax_acc, "test accuracy (%)"), (ax_loss, "test loss")):
-        ax.set_xlabel("round (0: initial model)")
-        ax.set_ylabel(ylabel)
-        ax.set_xticks(rounds)
-        ax.grid(alpha=0.3)
-    ax_acc.legend(fontsize=8)
-    fig.suptitle("Global model after each round", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    lines = [
+        (
+            STRATEGY_STYLE.get(name, {"color": None, "label": name}),
+            rounds,
+            data["server_accuracy"],
+            data["server_loss"],
+        )
+        for name, data in summary["strategies"].items()
+    ]
+    return _plot_accuracy_and_loss(
+        lines, "round (0: initial model)", "Global model after each round", path, xticks=rounds
+    )
 
 
 def _per_class_source(section: Mapping, key_of_run) -> tuple[dict | None, list[int], str]:

@@ -65,19 +65,34 @@ def _ordered_methods(methods: Mapping) -> list[str]:
     return known + [m for m in methods if m not in METHOD_NOTES]
 
 
-def _header(results: Mapping) -> list[str]:
-    config = results["config"]
-    exp = config["experiment"]
+def provenance_lines(results: Mapping, *, flwr: bool = True) -> list[str]:
+    """The header's command, date and machine lines of a results file.
+
+    Parameters
+    ----------
+    results
+        A results file's data, with ``command``, ``environment`` and ``wall_seconds``.
+    flwr
+        Whether the machine line names the Flower version too.
+    """
     env = results["environment"]
-    seeds = ", ".join(str(s) for s in results["seeds"])
-    lines = [
-        f"# Simulation `{results['name']}`",
-        "",
+    return [
         f"- Command: `{results['command']}`" if results.get("command") else "- Command: (API)",
         f"- Date: {env['date']}; wall time {results.get('wall_seconds', 0.0):.0f} s",
         f"- Machine: {env['cpu'] or 'unknown CPU'}, {env['cpu_count']} cores, "
         f"{env['torch_threads']} torch thread(s), CUDA {'yes' if env['cuda'] else 'no'}; "
-        f"Python {env['python']}, torch {env['torch']}, flwr {env['flwr']}",
+        f"Python {env['python']}, torch {env['torch']}" + (f", flwr {env['flwr']}" if flwr else ""),
+    ]
+
+
+def _header(results: Mapping) -> list[str]:
+    config = results["config"]
+    exp = config["experiment"]
+    seeds = ", ".join(str(s) for s in results["seeds"])
+    lines = [
+        f"# Simulation `{results['name']}`",
+        "",
+        *provenance_lines(results),
         f"- Scenario: **{config['scenario']}** ({exp['partition']} split, "
         f"{exp['num_clients']} clients"
         + (f", own fraction {exp['own_fraction']}" if exp["partition"] == "region" else "")

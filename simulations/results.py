@@ -260,23 +260,80 @@ def environment() -> dict:
     }
 
 
-def write_results(results: Mapping, out_dir: Path) -> Path:
-    """Write ``results`` as ``out_dir/results.json`` (strict JSON: no NaN); return the path."""
+def results_header(
+    file_format: str, out_dir: Path, command: str, config: Any, data_dir: str | Path | None
+) -> dict:
+    """The first fields of a results file, the same for ``simulate`` and ``study``.
+
+    Parameters
+    ----------
+    file_format
+        The file's ``format`` tag.
+    out_dir
+        Results directory; its name is the run's ``name``.
+    command
+        The command line.
+    config
+        The run's pydantic settings (with ``seeds``), stored as JSON data.
+    data_dir
+        Data directory as given (``None``: the default).
+
+    Returns
+    -------
+    dict
+        ``format``, ``name``, ``command``, ``environment``, ``config``, ``seeds`` and
+        ``data_dir``, in this order.
+    """
+    return {
+        "format": file_format,
+        "name": out_dir.name,
+        "command": command,
+        "environment": environment(),
+        "config": config.model_dump(mode="json"),
+        "seeds": list(config.seeds),
+        "data_dir": str(data_dir) if data_dir is not None else None,
+    }
+
+
+def write_json(data: Mapping, out_dir: Path, filename: str) -> Path:
+    """Write ``data`` as ``out_dir/filename`` (strict JSON: no NaN); return the path.
+
+    The file is replaced at once (written beside it, then renamed), so a reader never sees
+    half of it.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / RESULTS_FILE
-    text = json.dumps(sanitize(results), indent=2, allow_nan=False)
+    path = out_dir / filename
+    text = json.dumps(sanitize(data), indent=2, allow_nan=False)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(text + "\n")
     os.replace(tmp, path)
     return path
 
 
+def read_json(out_dir: Path, filename: str, file_format: str, kind: str = "file") -> dict:
+    """Read ``out_dir/filename``, a JSON file whose ``format`` must be ``file_format``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no such file.
+    ValueError
+        If its format differs, naming the file as ``a <file_format> <kind>``.
+    """
+    path = out_dir / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"no {filename} in {out_dir}")
+    data = json.loads(path.read_text())
+    if data.get("format") != file_format:
+        raise ValueError(f"{path} is not a {file_format} {kind} (format {data.get('format')!r})")
+    return data
+
+
+def write_results(results: Mapping, out_dir: Path) -> Path:
+    """Write ``results`` as ``out_dir/results.json`` (strict JSON: no NaN); return the path."""
+    return write_json(results, out_dir, RESULTS_FILE)
+
+
 def read_results(out_dir: Path) -> dict:
     """Read ``out_dir/results.json``; ``FileNotFoundError``/``ValueError`` name the file."""
-    path = out_dir / RESULTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {RESULTS_FILE} in {out_dir}")
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} results file (format {data.get('format')!r})")
-    return data
+    return read_json(out_dir, RESULTS_FILE, FORMAT, "results file")

@@ -30,6 +30,21 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import typer
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from simulations.settings import (
+    BatchSizeOption,
+    DataDirOption,
+    DatasetOption,
+    LearningRateOption,
+    LimitPerClassOption,
+    MaxIterOption,
+    NormOption,
+    OptimizerOption,
+    TestLimitPerClassOption,
+    ThreadsOption,
+    VerboseOption,
+    check_seeds,
+)
+
 if TYPE_CHECKING:
     from rich.progress import Progress
 
@@ -107,11 +122,7 @@ class StudyConfig(BaseModel):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if any(s < 0 for s in value):
-            raise ValueError(f"seeds must be >= 0, got {list(value)}")
-        if len(set(value)) != len(value):
-            raise ValueError(f"seeds must be distinct, got {list(value)}")
-        return value
+        return check_seeds(value)
 
     @field_validator("widths")
     @classmethod
@@ -227,7 +238,7 @@ def run_study(
         The results as written to ``study.json``.
     """
     from rebasin.data import load_dataset
-    from simulations.results import environment
+    from simulations.results import results_header
     from simulations.study_measure import lambda_grid, measure_pair, region_shards
     from simulations.study_report import (
         FORMAT,
@@ -243,13 +254,7 @@ def run_study(
     train_set = load_dataset(cfg.dataset, True, data_dir, limit_per_class=cfg.limit_per_class)
     test_set = load_dataset(cfg.dataset, False, data_dir, limit_per_class=cfg.test_limit_per_class)
     results: dict = {
-        "format": FORMAT,
-        "name": out.name,
-        "command": command,
-        "environment": environment(),
-        "config": cfg.model_dump(mode="json"),
-        "seeds": list(cfg.seeds),
-        "data_dir": str(data_dir) if data_dir is not None else None,
+        **results_header(FORMAT, out, command, cfg, data_dir),
         "data": {"train_examples": len(train_set), "test_examples": len(test_set)},
         "lambdas": lambda_grid(cfg.lambdas),
         "plan": [
@@ -307,13 +312,11 @@ def study_command(
     studies: Annotated[
         list[str], typer.Option(help="progress width architecture (one or more)")
     ] = ["progress", "width"],  # noqa: B006
-    dataset: Annotated[str, typer.Option(help="mnist or cifar10")] = "mnist",
+    dataset: DatasetOption = "mnist",
     model: Annotated[
         str, typer.Option(help="progress/width model: mlp, vgg or resnet20 (cifar10)")
     ] = "mlp",
-    norm: Annotated[
-        str, typer.Option(help="vgg/resnet20 normalisation: batch, layer, none")
-    ] = "batch",
+    norm: NormOption = "batch",
     width: Annotated[float, typer.Option(help="progress: width multiplier")] = 1.0,
     checkpoints: Annotated[
         list[float] | None,
@@ -336,35 +339,26 @@ def study_command(
     own_fraction: Annotated[
         float, typer.Option(help="share of its own classes' examples a region holds")
     ] = 0.8,
-    lr: Annotated[float, typer.Option(help="learning rate")] = 0.05,
-    optimizer: Annotated[str, typer.Option(help="sgd (momentum, cosine) or adam")] = "sgd",
+    lr: LearningRateOption = 0.05,
+    optimizer: OptimizerOption = "sgd",
     weight_decay: Annotated[float, typer.Option(help="weight decay")] = 5e-4,
-    batch_size: Annotated[int, typer.Option(help="batch size")] = 128,
-    limit_per_class: Annotated[
-        int | None, typer.Option(help="use the first N training examples of each class")
-    ] = None,
-    test_limit_per_class: Annotated[
-        int | None, typer.Option(help="use the first N test examples of each class")
-    ] = None,
+    batch_size: BatchSizeOption = 128,
+    limit_per_class: LimitPerClassOption = None,
+    test_limit_per_class: TestLimitPerClassOption = None,
     lambdas: Annotated[
         int, typer.Option(help="points on the interpolation path (odd: holds 0.5)")
     ] = 5,
-    max_iter: Annotated[int, typer.Option(help="most weight-matching sweeps")] = 100,
+    max_iter: MaxIterOption = 100,
     repair_batches: Annotated[
         int, typer.Option(help="batches per region for the BatchNorm statistics")
     ] = 20,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(envvar="REBASIN_DATA_DIR", help="data directory (MNIST/raw, CIFAR-10)"),
-    ] = None,
+    data_dir: DataDirOption = None,
     out: Annotated[
         Path | None,
         typer.Option(help="results directory (default: results/study-<dataset>-<model>-..)"),
     ] = None,
-    threads: Annotated[
-        int | None, typer.Option(help="torch CPU threads (default: torch's)")
-    ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log at INFO")] = False,
+    threads: ThreadsOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Measure when re-basin helps: barriers against training progress, width, architecture.
 

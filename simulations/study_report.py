@@ -14,9 +14,7 @@ deviation over the seeds.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,8 +24,9 @@ matplotlib.use("Agg")  # files only; no display, also under a test runner
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from simulations.report import MISSING, num, pct, table  # noqa: E402
-from simulations.results import sanitize, stat  # noqa: E402
+from simulations.plots import save_figure  # noqa: E402
+from simulations.report import MISSING, num, pct, provenance_lines, table  # noqa: E402
+from simulations.results import read_json, stat, write_json  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -58,23 +57,12 @@ DPI = 100
 
 def write_study(results: Mapping, out_dir: Path) -> Path:
     """Write ``results`` as ``out_dir/study.json`` (strict JSON: no NaN); return the path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / STUDY_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(sanitize(results), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(results, out_dir, STUDY_FILE)
 
 
 def read_study(out_dir: Path) -> dict:
     """Read ``out_dir/study.json``; ``FileNotFoundError``/``ValueError`` name the file."""
-    path = out_dir / STUDY_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {STUDY_FILE} in {out_dir}")
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} file (format {data.get('format')!r})")
-    return data
+    return read_json(out_dir, STUDY_FILE, FORMAT)
 
 
 # -------------------------------------------------------------------------------------------
@@ -229,11 +217,7 @@ def plot_lines(rows: Sequence[Mapping], axis: str, title: str, path: Path) -> Pa
     # After the scales are set: drawn before, it widens the x limits of its panel.
     ax_acc.axhline(100 * RULE_THRESHOLD, color="gray", ls="--", lw=0.8, label="1 point")
     ax_acc.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def plot_architectures(rows: Sequence[Mapping], title: str, path: Path) -> Path:
@@ -278,11 +262,7 @@ def plot_architectures(rows: Sequence[Mapping], title: str, path: Path) -> Path:
     # One legend below the panels: inside, it would cover the bars.
     handles, labels = ax_acc.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title, rect=(0, 0.06, 1, 1))
 
 
 def _subject(results: Mapping) -> str:
@@ -372,10 +352,35 @@ def _rule_lines(rules: Mapping[str, float | None], axis: str, unit: str) -> list
     return lines
 
 
+def _section_body(
+    study: Mapping, first: str, plot: str, alt_text: str, plot_names: set[str]
+) -> list[str]:
+    """A study's section below its heading: the plot if it was drawn, the table, the rules.
+
+    Parameters
+    ----------
+    study
+        The study's summary (``rows``, and ``rules`` for the progress and width studies).
+    first
+        The table's first column (:func:`_study_table`), also the rules' axis.
+    plot, alt_text
+        The plot's file name and its Markdown alt text.
+    plot_names
+        File names of the plots drawn.
+    """
+    lines = []
+    if plot in plot_names:
+        lines += [f"![{alt_text}]({plot})", ""]
+    lines += [_study_table(study["rows"], first), ""]
+    if "rules" in study:
+        lines += _rule_lines(study["rules"], first, "")
+        lines.append("")
+    return lines
+
+
 def render_summary(results: Mapping, plots: Sequence[Path | str] = ()) -> str:
     """The Markdown summary of a study run (every number from ``results``)."""
     config = results["config"]
-    env = results["environment"]
     summary = results["summary"]
     plot_names = {Path(p).name for p in plots}
     limit = config["limit_per_class"]
@@ -383,11 +388,7 @@ def render_summary(results: Mapping, plots: Sequence[Path | str] = ()) -> str:
     lines = [
         f"# Mergeability study `{results['name']}`",
         "",
-        f"- Command: `{results['command']}`" if results.get("command") else "- Command: (API)",
-        f"- Date: {env['date']}; wall time {results.get('wall_seconds', 0.0):.0f} s",
-        f"- Machine: {env['cpu'] or 'unknown CPU'}, {env['cpu_count']} cores, "
-        f"{env['torch_threads']} torch thread(s), CUDA {'yes' if env['cuda'] else 'no'}; "
-        f"Python {env['python']}, torch {env['torch']}",
+        *provenance_lines(results, flwr=False),
         f"- Data: {config['dataset']}, {results['data']['train_examples']} training examples"
         + (f" (first {limit} per class)" if limit else "")
         + f", {results['data']['test_examples']} test examples"
@@ -411,8 +412,7 @@ def render_summary(results: Mapping, plots: Sequence[Path | str] = ()) -> str:
         "",
     ]
     if "progress" in summary:
-        rows = summary["progress"]["rows"]
-        r = rows[0]
+        r = summary["progress"]["rows"][0]
         lines += [
             f"## Training progress: {MODEL_NAMES.get(r['model'], r['model'])} w{r['width']:.3g}",
             "",
@@ -420,11 +420,13 @@ def render_summary(results: Mapping, plots: Sequence[Path | str] = ()) -> str:
             "initialisations).",
             "",
         ]
-        if "progress.png" in plot_names:
-            lines += ["![barrier against training progress](progress.png)", ""]
-        lines += [_study_table(rows, "epoch"), ""]
-        lines += _rule_lines(summary["progress"]["rules"], "epoch", "")
-        lines.append("")
+        lines += _section_body(
+            summary["progress"],
+            "epoch",
+            "progress.png",
+            "barrier against training progress",
+            plot_names,
+        )
     if "width" in summary:
         rows = summary["width"]["rows"]
         lines += [
@@ -434,13 +436,10 @@ def render_summary(results: Mapping, plots: Sequence[Path | str] = ()) -> str:
         ]
         if rows[0]["model"] == "mlp":
             lines += ["Width multiplier (hidden units per layer = 512 x width).", ""]
-        if "width.png" in plot_names:
-            lines += ["![barrier against width](width.png)", ""]
-        lines += [_study_table(rows, "width"), ""]
-        lines += _rule_lines(summary["width"]["rules"], "width", "")
-        lines.append("")
+        lines += _section_body(
+            summary["width"], "width", "width.png", "barrier against width", plot_names
+        )
     if "architecture" in summary:
-        rows = summary["architecture"]["rows"]
         lines += [
             f"## Architecture: about {config['params']:,} parameters, after "
             f"{config['epochs']} epoch(s)",
@@ -448,9 +447,13 @@ def render_summary(results: Mapping, plots: Sequence[Path | str] = ()) -> str:
             "Each model at the width whose parameter count is closest to the target.",
             "",
         ]
-        if "architecture.png" in plot_names:
-            lines += ["![barrier per architecture](architecture.png)", ""]
-        lines += [_study_table(rows, "model"), ""]
+        lines += _section_body(
+            summary["architecture"],
+            "model",
+            "architecture.png",
+            "barrier per architecture",
+            plot_names,
+        )
     return "\n".join(lines)
 
 

@@ -1,0 +1,49 @@
+"""Settings that ``rebasin simulate`` and ``rebasin study`` share: options and validation.
+
+The typer option types below are declared once and used by both commands, so a shared flag
+reads the same in both ``--help`` pages; each command gives the default in its own signature.
+Options whose help differs between the commands are declared in the command.
+
+This module is imported when the CLI starts: it imports typer and nothing heavy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DatasetOption = Annotated[str, typer.Option(help="mnist or cifar10")]
+NormOption = Annotated[str, typer.Option(help="vgg/resnet20 normalisation: batch, layer, none")]
+LearningRateOption = Annotated[float, typer.Option(help="learning rate")]
+OptimizerOption = Annotated[str, typer.Option(help="sgd (momentum, cosine) or adam")]
+BatchSizeOption = Annotated[int, typer.Option(help="batch size")]
+LimitPerClassOption = Annotated[
+    int | None, typer.Option(help="use the first N training examples of each class")
+]
+TestLimitPerClassOption = Annotated[
+    int | None, typer.Option(help="use the first N test examples of each class")
+]
+MaxIterOption = Annotated[int, typer.Option(help="most weight-matching sweeps")]
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(envvar="REBASIN_DATA_DIR", help="data directory (MNIST/raw, CIFAR-10)"),
+]
+ThreadsOption = Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="log at INFO")]
+
+
+def check_seeds(seeds: tuple[int, ...]) -> tuple[int, ...]:
+    """``seeds`` unchanged if they are non-negative and distinct.
+
+    Raises
+    ------
+    ValueError
+        Naming the seeds, if one is negative or one repeats.
+    """
+    if any(s < 0 for s in seeds):
+        raise ValueError(f"seeds must be >= 0, got {list(seeds)}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+    return seeds
