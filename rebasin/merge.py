@@ -121,43 +121,15 @@ def merge_many(
     The weighted mean of the models as aligned by :func:`align_many`.
     """
     weights = _check_models_and_weights(models, weights)
-    aligned, _ = align_many(
+    aligned = align_many(
         spec, models, weights, seed=seed, max_rounds=max_rounds, max_iter=max_iter
-    )
+    ).aligned
     return average(aligned, weights)
-
-
-def align_many(
-    spec: PermutationSpec,
-    models: Sequence[Mapping[str, torch.Tensor]],
-    weights: Sequence[float] | None = None,
-    *,
-    seed: int = 0,
-    max_rounds: int = 20,
-    max_iter: int = 100,
-) -> tuple[list[StateDict], list[Perms]]:
-    """Bring N models into one basin without a reference (MergeMany's alignment).
-
-    Repeat, over the models in a seeded random order: align model ``i`` to the weighted mean
-    of all the others (as currently aligned). Stop after a round in which no permutation
-    changed, or after ``max_rounds``. :func:`align_many_with_stats` does the same and also
-    says what the matching of each model cost and gained.
-
-    Returns
-    -------
-    aligned, perms
-        The aligned state dicts and, per model, the permutations that map the input model
-        to its aligned version (``apply_permutation(spec, perms[i], models[i])``).
-    """
-    result = align_many_with_stats(
-        spec, models, weights, seed=seed, max_rounds=max_rounds, max_iter=max_iter
-    )
-    return result.aligned, result.perms
 
 
 @dataclass(frozen=True)
 class ManyAlignment:
-    """What :func:`align_many_with_stats` did, per model (in the order of the input models).
+    """What :func:`align_many` did, per model (in the order of the input models).
 
     Attributes
     ----------
@@ -187,7 +159,7 @@ class ManyAlignment:
     rounds: int
 
 
-def align_many_with_stats(
+def align_many(
     spec: PermutationSpec,
     models: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float] | None = None,
@@ -196,9 +168,18 @@ def align_many_with_stats(
     max_rounds: int = 20,
     max_iter: int = 100,
 ) -> ManyAlignment:
-    """:func:`align_many`, also returning per model the sweeps, time and objective gain.
+    """Bring N models into one basin without a reference (MergeMany's alignment).
 
-    The aligned models and permutations are exactly those of :func:`align_many`.
+    Repeat, over the models in a seeded random order: align model ``i`` to the weighted mean
+    of all the others (as currently aligned). Stop after a round in which no permutation
+    changed, or after ``max_rounds``.
+
+    Returns
+    -------
+    ManyAlignment
+        Per model: the aligned state dict, the permutations that map the input model to it
+        (``apply_permutation(spec, perms[i], models[i])``), and what its matchings cost and
+        gained.
     """
     weights = _check_models_and_weights(models, weights)
     for i, model in enumerate(models[1:], start=1):

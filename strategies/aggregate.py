@@ -14,9 +14,10 @@ into :class:`ClientUpdate` values and call :func:`rebasin_aggregate`, which
    ``"merge-many"`` reference, aligns all of them to each other (MergeMany) and takes
    :func:`rebasin.merge.merge_many`'s average.
 
-The average uses FedAvg's own floating-point arithmetic (``sum_i x_i * (w_i / W)``,
-accumulated in the parameters' dtype, in reply order), so that when matching finds the
-identity the result is bit for bit what Flower's FedAvg returns. Each update is converted to
+The average to a reference uses FedAvg's own floating-point arithmetic
+(``sum_i x_i * (w_i / W)``, accumulated in the parameters' dtype, in reply order), so that
+when matching finds the identity the result is bit for bit what Flower's FedAvg returns;
+MergeMany's average is :func:`rebasin.merge.average` (accumulated in float64). Each update is converted to
 tensors once and, except for MergeMany, only one client model is held at a time.
 """
 
@@ -35,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from rebasin.matching import weight_matching
-from rebasin.merge import align_many_with_stats, average
+from rebasin.merge import align_many, average
 from rebasin.permute import Perms, apply_permutation, validate_state_dict
 from rebasin.spec import PermutationSpec, SpecError, StateDict, is_running_stat
 
@@ -470,9 +471,7 @@ def _merge_many(
     if not models:
         return None
     start = time.perf_counter()
-    result = align_many_with_stats(
-        spec, models, weights, seed=options.seed, max_iter=options.max_iter
-    )
+    result = align_many(spec, models, weights, seed=options.seed, max_iter=options.max_iter)
     merged = average(result.aligned, weights)
     logger.info(
         "\tMergeMany over %d models: %d rounds in %.3f s",

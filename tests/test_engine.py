@@ -165,7 +165,8 @@ def test_align_many_returns_the_permutations_that_produce_the_aligned_models() -
     spec = model.permutation_spec()
     state = model.state_dict()
     copies = [apply_permutation(spec, random_perms(spec, state, s), state) for s in range(4)]
-    aligned, perms = align_many(spec, copies, seed=1)
+    alignment = align_many(spec, copies, seed=1)
+    aligned, perms = alignment.aligned, alignment.perms
     for original, result, p in zip(copies, aligned, perms):
         again = apply_permutation(spec, p, original)
         assert all(torch.equal(again[k], result[k]) for k in state)
