@@ -17,8 +17,9 @@ into :class:`ClientUpdate` values and call :func:`rebasin_aggregate`, which
 The average to a reference uses FedAvg's own floating-point arithmetic
 (``sum_i x_i * (w_i / W)``, accumulated in the parameters' dtype, in reply order), so that
 when matching finds the identity the result is bit for bit what Flower's FedAvg returns;
-MergeMany's average is :func:`rebasin.merge.average` (accumulated in float64). Each update is converted to
-tensors once and, except for MergeMany, only one client model is held at a time.
+MergeMany's average is :func:`rebasin.merge.average` (accumulated in float64). Each update
+is converted to tensors once and, except for MergeMany, only one client model is held at a
+time.
 """
 
 from __future__ import annotations
