@@ -259,15 +259,19 @@ def run_benchmark(
     data_dir: str | None,
     device: str = "cpu",
     mlp_width: float = 1.0,
+    trained_mlp: bool = True,
 ) -> dict:
     """Run every benchmark, print tables, write ``bench.json`` and ``bench.md`` in ``out``.
 
-    Matching runs on ``device`` (the weights are moved there); merges run on the CPU.
+        Matching runs on ``device`` (the weights are moved there); merges run on the CPU. Only
+    the trained cases read data: with ``trained_mlp=False`` and no ``trained_widths`` the
+    benchmark needs no data set (a GPU machine without one).
     """
     out.mkdir(parents=True, exist_ok=True)
     match_rows: list[MatchTiming] = []
     with Progress(console=console, transient=True) as progress:
-        cases = [("mlp", mlp_width, "random"), ("mlp", mlp_width, "trained")]
+        cases = [("mlp", mlp_width, "random")]
+        cases += [("mlp", mlp_width, "trained")] if trained_mlp else []
         cases += [("resnet20", w, "random") for w in widths]
         cases += [("resnet20", w, "trained") for w in trained_widths]
         task = progress.add_task("matching", total=len(cases) * len(seeds))
@@ -290,6 +294,7 @@ def run_benchmark(
         "settings": {
             "device": device,
             "mlp_width": mlp_width,
+            "trained_mlp": trained_mlp,
             "widths": widths,
             "trained_widths": trained_widths,
             "seeds": seeds,

@@ -39,6 +39,9 @@ def register(app: typer.Typer) -> None:
         mlp_width: Annotated[
             float, typer.Option(min=0.01, help="MLP width multiplier (1 = 3x512)")
         ] = 1.0,
+        trained_mlp: Annotated[
+            bool, typer.Option(help="also time the MLP with trained weights (needs MNIST)")
+        ] = True,
     ) -> None:
         """Time weight matching (engine vs textbook) and server merges of N clients."""
         import torch
@@ -58,4 +61,5 @@ def register(app: typer.Typer) -> None:
             data_dir,
             device,
             mlp_width,
+            trained_mlp,
         )

@@ -48,3 +48,17 @@ def test_bench_rejects_a_missing_gpu_or_bad_values(tmp_path) -> None:
     if not torch.cuda.is_available():
         gpu = runner.invoke(app, ["bench", "--out", str(tmp_path), "--device", "cuda"])
         assert gpu.exit_code == 2 and "no CUDA device here" in gpu.output
+
+
+@pytest.mark.timeout(300)
+def test_bench_without_trained_cases_needs_no_data(tmp_path, monkeypatch) -> None:
+    # What a GPU machine without the data sets runs (README, Speed).
+    from simulations.bench import run_benchmark
+
+    monkeypatch.setenv("REBASIN_DATA_DIR", str(tmp_path / "no-data-here"))
+    result = run_benchmark(tmp_path / "bench", [0.25], [], [0], [2], 1, 40, None,
+                           mlp_width=0.125, trained_mlp=False)  # fmt: skip
+    cases = {(r["model"], r["weights"]) for r in result["matching"]}
+    assert cases == {("mlp 3x64", "random"), ("resnet20 x0.25", "random")}
+    assert result["settings"]["trained_mlp"] is False
+    assert all(r["identical"] for r in result["matching"])
