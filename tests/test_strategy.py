@@ -272,7 +272,7 @@ def test_merge_many_reports_each_nodes_real_permutations(caplog) -> None:
     replies = [_reply(1, models[1], 10), _reply(2, models[2], 20), _reply(3, bad, 40)]
     replies.append(_reply(4, models[4], 30))
     strategy = _strategy(_sd(_mlp(9)), reference="merge-many", seed=5)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="flwr.rebasin"):
         arrays, _ = strategy.aggregate_train(1, replies)
     report = strategy.last_round
     assert report.valid == [1, 2, 4] and list(report.dropped) == [3]
