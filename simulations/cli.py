@@ -47,7 +47,11 @@ from simulations.settings import (
 logger = logging.getLogger(__name__)
 
 # Modules that register more subcommands (each defines register(app)).
-COMMAND_MODULES: tuple[str, ...] = ("simulations.bench_cli", "simulations.study")
+COMMAND_MODULES: tuple[str, ...] = (
+    "simulations.bench_cli",
+    "simulations.study",
+    "simulations.merge_cli",
+)
 
 app = typer.Typer(
     name="rebasin",

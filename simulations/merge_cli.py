@@ -1,0 +1,542 @@
+"""``rebasin merge``: merge N saved models offline, by re-basin, into one safetensors file.
+
+The inputs are safetensors state dicts of one zoo model (the ServerApp's checkpoints, or any
+``safetensors.torch.save_file`` of a ``state_dict()``); they are read without unpickling and
+checked against the model built from ``--model``/``--dataset``/``--width``/``--norm`` before
+any matching starts. The merge is :func:`rebasin.merge.merge_to_reference` (``--method
+reference``) or :func:`rebasin.merge.merge_many` (``--method merge-many``), with the same
+seeds, so the file holds exactly what those functions return for the same inputs (tested);
+the command runs the same steps itself only to report each input's sweeps and objective gain.
+
+This module is imported when the CLI starts: torch, safetensors and the engine are imported
+inside the functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import click
+import typer
+
+from simulations.settings import MaxIterOption, VerboseOption
+
+if TYPE_CHECKING:
+    import torch
+    from rich.console import Console
+    from rich.progress import Progress
+    from torch import nn
+
+    from rebasin.spec import PermutationSpec
+
+MERGED_FORMAT = "rebasin-fl-merged/1"
+METHODS: tuple[str, ...] = ("reference", "merge-many")
+
+BATCHNORM_WARNING = (
+    "Warning: the model has BatchNorm layers, and the merged running statistics are the "
+    "weighted average of the aligned models' statistics, which do not fit the merged weights "
+    "(variance collapse): recompute them before use, e.g. with --bn-data-dir."
+)
+
+
+class MergeInputError(ValueError):
+    """An input file is unreadable or does not fit the model; the message names the file."""
+
+
+@dataclass(frozen=True)
+class InputReport:
+    """What the merge did with one input: its matching statistics (``None``: not matched)."""
+
+    sweeps: int | None
+    objective_gain: float | None
+    seconds: float | None
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def read_state_dict(path: Path, reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors file ``path``, checked against ``reference``.
+
+    Never unpickles: safetensors stores raw tensors and a JSON header only.
+
+    Raises
+    ------
+    MergeInputError
+        Naming ``path``: not a safetensors file (corrupt, truncated, another format), or
+        keys, shapes or dtypes that differ from ``reference``'s, or NaN/Inf values (naming
+        the key).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from rebasin.permute import validate_state_dict
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MergeInputError(
+            f"{path}: not a readable safetensors file (corrupt or another format): {detail}"
+        ) from None
+    try:
+        validate_state_dict(state_dict, reference, name=str(path))
+    except ValueError as exc:
+        raise MergeInputError(str(exc)) from None
+    return state_dict
+
+
+def merged_metadata(
+    *,
+    method: str,
+    model: str,
+    dataset: str,
+    width: float,
+    norm: str,
+    files: Sequence[Path],
+    weights: Sequence[float],
+    reference: int | None,
+    seed: int,
+    max_iter: int,
+    max_rounds: int | None,
+    batchnorm: str,
+    command: str,
+) -> dict[str, str]:
+    """The string metadata stored with a merged model (safetensors keeps strings only).
+
+    ``model``/``dataset``/``width``/``norm`` are written as the ServerApp's checkpoints write
+    them (``width`` as ``repr(float)``), lists as JSON.
+    """
+    return {
+        "format": MERGED_FORMAT,
+        "method": method,
+        "model": model,
+        "dataset": dataset,
+        "width": repr(float(width)),
+        "norm": norm,
+        "inputs": json.dumps([str(f) for f in files]),
+        "weights": json.dumps([float(w) for w in weights]),
+        "reference": "" if reference is None else str(reference),
+        "seed": str(seed),
+        "max_iter": str(max_iter),
+        "max_rounds": "" if max_rounds is None else str(max_rounds),
+        "batchnorm": batchnorm,
+        "command": command,
+    }
+
+
+def write_merged(
+    path: Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> None:
+    """Write ``state_dict`` and ``metadata`` to ``path`` atomically (temporary file, rename)."""
+    from safetensors.torch import save_file
+
+    # safetensors refuses tensors that share storage; contiguous CPU copies are always safe.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=dict(metadata))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------------------------
+# merging
+
+
+def merge_reference(
+    spec: PermutationSpec,
+    models: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    reference: int,
+    seed: int,
+    max_iter: int,
+    progress: Progress | None = None,
+) -> tuple[dict[str, torch.Tensor], list[InputReport]]:
+    """:func:`rebasin.merge.merge_to_reference`, step by step, with per-input statistics.
+
+    The same matchings (model ``i`` against the reference with seed ``seed + i``) and the same
+    running weighted average, so the result is identical to the library function's.
+    """
+    from rebasin.matching import weight_matching
+    from rebasin.merge import WeightedAverage
+    from rebasin.permute import apply_permutation
+
+    task = None
+    if progress is not None:
+        task = progress.add_task(f"aligning to input {reference}", total=len(models) - 1)
+    acc = WeightedAverage()
+    reports = []
+    for i, (model, weight) in enumerate(zip(models, weights)):
+        if i == reference:
+            acc.add(model, weight)
+            reports.append(InputReport(None, None, None))
+            continue
+        start = time.perf_counter()
+        result = weight_matching(spec, models[reference], model, seed=seed + i, max_iter=max_iter)
+        acc.add(apply_permutation(spec, result.perms, model), weight)
+        gain = float(result.objective[-1] - result.objective[0])
+        reports.append(InputReport(result.sweeps, gain, time.perf_counter() - start))
+        if progress is not None and task is not None:
+            progress.advance(task)
+    return acc.result(), reports
+
+
+def merge_many_models(
+    spec: PermutationSpec,
+    models: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    seed: int,
+    max_iter: int,
+    max_rounds: int,
+    progress: Progress | None = None,
+) -> tuple[dict[str, torch.Tensor], list[InputReport], int]:
+    """:func:`rebasin.merge.merge_many` with per-input statistics and the rounds it ran."""
+    from rebasin.merge import align_many, average
+
+    task = None
+    if progress is not None:
+        task = progress.add_task(f"MergeMany over {len(models)} models", total=1)
+    many = align_many(spec, models, weights, seed=seed, max_rounds=max_rounds, max_iter=max_iter)
+    if progress is not None and task is not None:
+        progress.advance(task)
+    reports = [
+        InputReport(s, float(g), t)
+        for s, g, t in zip(many.sweeps, many.objective_gains, many.seconds)
+    ]
+    return average(many.aligned, weights), reports, many.rounds
+
+
+def batchnorm_batches(
+    dataset: str,
+    data_dir: Path,
+    examples: int,
+    batch_size: int,
+    seed: int,
+) -> list[torch.Tensor]:
+    """Input batches for recomputing BatchNorm statistics: ``examples`` training images.
+
+    The first ``ceil(examples / classes)`` training examples of each class (class-balanced,
+    and only those are decoded and normalised), of which ``examples`` are drawn in a seeded
+    random order and cut into batches of ``batch_size``.
+    """
+    import torch
+
+    from rebasin.data import load_dataset
+    from rebasin.zoo import dataset_geometry
+
+    per_class = math.ceil(examples / dataset_geometry(dataset).num_classes)
+    data = load_dataset(dataset, train=True, data_dir=data_dir, limit_per_class=per_class)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=generator)[:examples]
+    images = data.images[order]
+    return list(images.split(batch_size))
+
+
+def recompute_batchnorm(
+    model: nn.Module, batches: Sequence[torch.Tensor], progress: Progress | None = None
+) -> None:
+    """Recompute ``model``'s BatchNorm running statistics on ``batches`` (RESET, in place)."""
+    from rebasin.norm import reset_batchnorm_stats
+
+    def counted() -> Iterator[torch.Tensor]:
+        task = None
+        if progress is not None:
+            task = progress.add_task("BatchNorm statistics", total=len(batches))
+        for batch in batches:
+            yield batch
+            if progress is not None and task is not None:
+                progress.advance(task)
+
+    reset_batchnorm_stats(model, counted())
+
+
+def print_summary(
+    console: Console,
+    files: Sequence[Path],
+    weights: Sequence[float],
+    reports: Sequence[InputReport],
+    title: str,
+) -> None:
+    """A table: per input its weight, share of the total, matching sweeps, gain and time."""
+    from rich.table import Table
+
+    total = sum(weights)
+    table = Table(title=title)
+    table.add_column("#", justify="right")
+    table.add_column("file", overflow="fold")
+    table.add_column("weight", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("sweeps", justify="right")
+    table.add_column("objective gain", justify="right")
+    table.add_column("s", justify="right")
+    for i, (path, weight, report) in enumerate(zip(files, weights, reports)):
+        table.add_row(
+            str(i),
+            str(path),
+            f"{weight:g}",
+            f"{100 * weight / total:.1f}%",
+            "reference" if report.sweeps is None else str(report.sweeps),
+            "-" if report.objective_gain is None else f"{report.objective_gain:.6g}",
+            "-" if report.seconds is None else f"{report.seconds:.2f}",
+        )
+    console.print(table)
+
+
+def _with_progress(
+    progress: Progress | None, items: Iterable[Path], description: str, total: int
+) -> Iterator[Path]:
+    """``items`` unchanged, advancing a ``progress`` task of ``total`` steps after each."""
+    task = progress.add_task(description, total=total) if progress is not None else None
+    for item in items:
+        yield item
+        if progress is not None and task is not None:
+            progress.advance(task)
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``merge`` command to ``app``."""
+    from simulations.cli import GreedyCommand
+
+    class _MergeCommand(GreedyCommand):
+        greedy = frozenset({"--weights"})
+
+    app.command("merge", cls=_MergeCommand)(merge_command)
+
+
+def merge_command(
+    files: Annotated[
+        list[Path],
+        typer.Argument(
+            help="two or more safetensors state dicts of the same model",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            show_default=False,
+        ),
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            click_type=click.Choice(["mlp", "vgg", "resnet20"]),
+            help="the inputs' architecture (vgg and resnet20: cifar10 only)",
+        ),
+    ],
+    dataset: Annotated[str, typer.Option(click_type=click.Choice(["mnist", "cifar10"]))],
+    out: Annotated[
+        Path, typer.Option(dir_okay=False, help="merged model (safetensors)", show_default=False)
+    ],
+    width: Annotated[float, typer.Option(help="width multiplier (mlp: 512 x width units)")] = 1.0,
+    norm: Annotated[
+        str,
+        typer.Option(
+            click_type=click.Choice(["batch", "layer", "none"]),
+            help="vgg/resnet20 normalisation (ignored by mlp)",
+        ),
+    ] = "batch",
+    method: Annotated[
+        str,
+        typer.Option(
+            click_type=click.Choice(list(METHODS)),
+            help="reference: align every input to one of them, then average; merge-many: "
+            "MergeMany, no reference",
+        ),
+    ] = "reference",
+    reference: Annotated[
+        int | None,
+        typer.Option(help="--method reference: index of the input the others are aligned to"),
+    ] = None,
+    weights: Annotated[
+        list[float] | None,
+        typer.Option(
+            help="one weight > 0 per file, in file order, e.g. number of training examples "
+            "(default: equal)",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(min=0, help="matching seed (input i: seed + i); BatchNorm sample")
+    ] = 0,
+    max_iter: MaxIterOption = 100,
+    max_rounds: Annotated[
+        int, typer.Option(min=1, help="--method merge-many: most rounds over all inputs")
+    ] = 20,
+    device: Annotated[
+        str,
+        typer.Option(click_type=click.Choice(["cpu", "cuda"]), help="where matching runs"),
+    ] = "cpu",
+    bn_data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            file_okay=False,
+            help="recompute the BatchNorm running statistics on --dataset's training set "
+            "in this data directory (MNIST/raw, CIFAR-10)",
+            show_default=False,
+        ),
+    ] = None,
+    bn_examples: Annotated[
+        int, typer.Option(min=1, help="--bn-data-dir: training examples to use")
+    ] = 5000,
+    bn_batch_size: Annotated[int, typer.Option(min=1, help="--bn-data-dir: batch size")] = 128,
+    verbose: VerboseOption = False,
+) -> None:
+    """Merge N saved models of one architecture by Git Re-Basin into one file.
+
+    Each FILE is a safetensors state dict of the model that --model, --dataset,
+    --width and --norm build (a ServerApp checkpoint, or save_file of a
+    state_dict()); it is read without pickle and must have that model's keys,
+    shapes and dtypes, and finite values.
+
+    --method reference aligns every input to input --reference (default 0) by
+    weight matching and takes the --weights-weighted average; merge-many
+    (MergeMany) aligns each input to the mean of the others until nothing
+    changes. Input i is matched with seed --seed + i.
+
+    Writes --out: the merged state dict and string metadata (format, method,
+    model, dataset, width, norm, inputs, weights, reference, seed, max_iter,
+    max_rounds, batchnorm, command); prints per input its weight, matching
+    sweeps and objective gain.
+
+    BatchNorm: averaged running statistics do not fit the merged weights.
+    --bn-data-dir recomputes them on --bn-examples training images (the first
+    ones of each class, order drawn from --seed); without it, a warning.
+    """
+    import torch
+    from rich.console import Console
+
+    from rebasin.norm import has_batchnorm
+    from rebasin.zoo import build_model
+    from simulations.cli import command_line, fail, progress_bars, setup_logging
+
+    # Option checks first, as usage errors naming the option (exit code 2).
+    if len(files) < 2:
+        raise typer.BadParameter(
+            f"merge needs at least 2 files, got {len(files)}", param_hint="FILES"
+        )
+    if weights is not None:
+        if len(weights) != len(files):
+            raise typer.BadParameter(
+                f"got {len(weights)} weights for {len(files)} files (one per file)",
+                param_hint="--weights",
+            )
+        bad = [w for w in weights if not (w > 0 and math.isfinite(w))]
+        if bad:
+            raise typer.BadParameter(
+                f"weights must be > 0 and finite, got {bad[0]:g}", param_hint="--weights"
+            )
+    if reference is not None:
+        if method != "reference":
+            raise typer.BadParameter("applies to --method reference only", param_hint="--reference")
+        if not 0 <= reference < len(files):
+            raise typer.BadParameter(
+                f"{reference} is not an input index (0 to {len(files) - 1} for {len(files)} files)",
+                param_hint="--reference",
+            )
+    resolved = {f.resolve() for f in files}
+    if out.resolve() in resolved:
+        raise typer.BadParameter(f"{out} is one of the input files", param_hint="--out")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("no CUDA device here", param_hint="--device")
+    if not (width > 0 and math.isfinite(width)):
+        raise typer.BadParameter(f"must be > 0, got {width:g}", param_hint="--width")
+    try:
+        net = build_model(model, dataset, width=width, norm=norm)  # type: ignore[arg-type]
+    except ValueError as exc:  # a conv model on MNIST's 1 x 28 x 28 images
+        raise typer.BadParameter(str(exc), param_hint="--model") from None
+    batchnorm = has_batchnorm(net)
+    if bn_data_dir is not None and not batchnorm:
+        raise typer.BadParameter(
+            f"model {model!r} with --norm {norm} has no BatchNorm statistics to recompute",
+            param_hint="--bn-data-dir",
+        )
+
+    setup_logging(verbose)
+    ref_index = 0 if reference is None else reference
+    weights = [1.0] * len(files) if weights is None else [float(w) for w in weights]
+    spec = net.permutation_spec()  # type: ignore[operator]
+    template = net.state_dict()
+    console = Console()
+    err_console = Console(stderr=True)
+    start = time.perf_counter()
+    # Bars on a terminal only: redirected output keeps the table and messages alone.
+    progress = progress_bars(err_console) if err_console.is_terminal else None
+    try:
+        with progress if progress is not None else contextlib.nullcontext():
+            models = [
+                read_state_dict(path, template)
+                for path in _with_progress(progress, files, "reading inputs", len(files))
+            ]
+            models = [{k: v.to(device) for k, v in m.items()} for m in models]
+            rounds = None
+            if method == "reference":
+                merged, reports = merge_reference(
+                    spec, models, weights, ref_index, seed, max_iter, progress
+                )
+            else:
+                merged, reports, rounds = merge_many_models(
+                    spec, models, weights, seed, max_iter, max_rounds, progress
+                )
+            del models
+            # strict: the file written below must load into this model as it is.
+            net.load_state_dict({k: v.cpu() for k, v in merged.items()}, strict=True)
+            bn_note = "averaged" if batchnorm else "none"
+            if bn_data_dir is not None:
+                try:
+                    batches = batchnorm_batches(
+                        dataset, bn_data_dir, bn_examples, bn_batch_size, seed
+                    )
+                except (FileNotFoundError, ValueError) as exc:
+                    message = " ".join(str(exc).split())  # one line
+                    raise fail(f"--bn-data-dir {bn_data_dir}: {message}", code=1) from None
+                recompute_batchnorm(net.to(device), batches, progress)
+                seen = sum(len(b) for b in batches)
+                bn_note = f"recomputed on {seen} {dataset} training examples"
+    except MergeInputError as exc:
+        raise fail(str(exc), code=1) from None
+
+    metadata = merged_metadata(
+        method=method,
+        model=model,
+        dataset=dataset,
+        width=width,
+        norm=norm,
+        files=files,
+        weights=weights,
+        reference=ref_index if method == "reference" else None,
+        seed=seed,
+        max_iter=max_iter,
+        max_rounds=max_rounds if method == "merge-many" else None,
+        batchnorm=bn_note,
+        command=command_line(),
+    )
+    write_merged(out, net.state_dict(), metadata)
+    if method == "reference":
+        title = f"re-basin merge to input {ref_index} ({files[ref_index]})"
+    else:
+        title = f"MergeMany, {rounds} round(s)"
+    print_summary(console, files, weights, reports, title)
+    if batchnorm and bn_data_dir is None:
+        err_console.print(BATCHNORM_WARNING, style="yellow", soft_wrap=True)
+    console.print(
+        f"wrote {out} ({method}, {len(files)} models, BatchNorm statistics: {bn_note}) in "
+        f"{time.perf_counter() - start:.1f} s",
+        soft_wrap=True,
+    )
