@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rebasin.matching import weight_matching
+from rebasin.matching import MatchResult, weight_matching
 from rebasin.permute import Perms, apply_permutation, validate_state_dict
 from rebasin.spec import PermutationSpec, StateDict
 
@@ -88,12 +88,15 @@ def merge_to_reference(
     reference: int | Mapping[str, torch.Tensor] = 0,
     seed: int = 0,
     max_iter: int = 100,
+    on_match: Callable[[int, MatchResult], None] | None = None,
 ) -> StateDict:
     """Align every model to a reference, then take the weighted average.
 
     ``reference`` is an index into ``models`` (that model is not permuted) or an outside
-    state dict (such as last round's global model). Work grows linearly with ``len(models)``
-    and only one aligned copy exists at a time.
+    state dict (such as last round's global model). Model ``i`` is matched with seed
+    ``seed + i``. Work grows linearly with ``len(models)`` and only one aligned copy exists
+    at a time. ``on_match(i, result)``, if given, is called after model ``i`` is matched
+    (progress, per-model statistics).
     """
     weights = _check_models_and_weights(models, weights)
     ref = models[reference] if isinstance(reference, int) else reference
@@ -102,8 +105,10 @@ def merge_to_reference(
         if isinstance(reference, int) and i == reference:
             acc.add(model, weight)
             continue
-        aligned, _ = align_to_reference(spec, ref, model, seed=seed + i, max_iter=max_iter)
-        acc.add(aligned, weight)
+        result = weight_matching(spec, ref, model, seed=seed + i, max_iter=max_iter)
+        acc.add(apply_permutation(spec, result.perms, model), weight)
+        if on_match is not None:
+            on_match(i, result)
     return acc.result()
 
 

@@ -6,7 +6,7 @@ checked against the model built from ``--model``/``--dataset``/``--width``/``--n
 any matching starts. The merge is :func:`rebasin.merge.merge_to_reference` (``--method
 reference``) or :func:`rebasin.merge.merge_many` (``--method merge-many``), with the same
 seeds, so the file holds exactly what those functions return for the same inputs (tested);
-the command runs the same steps itself only to report each input's sweeps and objective gain.
+each input's sweeps and objective gain come from the matchings themselves.
 
 This module is imported when the CLI starts: torch, safetensors and the engine are imported
 inside the functions.
@@ -167,33 +167,34 @@ def merge_reference(
     max_iter: int,
     progress: Progress | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[InputReport]]:
-    """:func:`rebasin.merge.merge_to_reference`, step by step, with per-input statistics.
+    """:func:`rebasin.merge.merge_to_reference`, with per-input statistics and progress.
 
-    The same matchings (model ``i`` against the reference with seed ``seed + i``) and the same
-    running weighted average, so the result is identical to the library function's.
+    An input's seconds run from the end of the previous matching (or the start) to the end
+    of its own: its matching, and the permuting and summing of the input before it.
     """
-    from rebasin.matching import weight_matching
-    from rebasin.merge import WeightedAverage
-    from rebasin.permute import apply_permutation
+    from rebasin.matching import MatchResult
+    from rebasin.merge import merge_to_reference
 
     task = None
     if progress is not None:
         task = progress.add_task(f"aligning to input {reference}", total=len(models) - 1)
-    acc = WeightedAverage()
-    reports = []
-    for i, (model, weight) in enumerate(zip(models, weights)):
-        if i == reference:
-            acc.add(model, weight)
-            reports.append(InputReport(None, None, None))
-            continue
-        start = time.perf_counter()
-        result = weight_matching(spec, models[reference], model, seed=seed + i, max_iter=max_iter)
-        acc.add(apply_permutation(spec, result.perms, model), weight)
+    reports = [InputReport(None, None, None) for _ in models]
+    last = time.perf_counter()
+
+    def matched(i: int, result: MatchResult) -> None:
+        nonlocal last
+        now = time.perf_counter()
         gain = float(result.objective[-1] - result.objective[0])
-        reports.append(InputReport(result.sweeps, gain, time.perf_counter() - start))
+        reports[i] = InputReport(result.sweeps, gain, now - last)
+        last = now
         if progress is not None and task is not None:
             progress.advance(task)
-    return acc.result(), reports
+
+    merged = merge_to_reference(
+        spec, models, weights, reference=reference, seed=seed, max_iter=max_iter,
+        on_match=matched,
+    )  # fmt: skip
+    return merged, reports
 
 
 def merge_many_models(

@@ -147,6 +147,21 @@ def test_matching_is_deterministic_for_a_seed_and_warm_start_takes_one_sweep() -
     assert all(torch.equal(warm.perms[p], first.perms[p]) for p in first.perms)
 
 
+def test_merge_to_reference_reports_each_matching_to_on_match() -> None:
+    spec = _randomized("mlp", 0).permutation_spec()
+    models = [_randomized("mlp", s).state_dict() for s in (20, 21, 22)]
+    seen: dict[int, object] = {}
+    merged = merge_to_reference(
+        spec, models, [1.0, 2.0, 3.0], reference=1, seed=7, on_match=seen.__setitem__
+    )
+    assert sorted(seen) == [0, 2]  # every model but the reference, matched with seed 7 + i
+    for i in (0, 2):
+        own = weight_matching(spec, models[1], models[i], seed=7 + i)
+        assert seen[i].objective == own.objective  # type: ignore[attr-defined]
+    plain = merge_to_reference(spec, models, [1.0, 2.0, 3.0], reference=1, seed=7)
+    assert all(torch.equal(merged[k], plain[k]) for k in plain)
+
+
 def test_merge_many_of_permuted_copies_is_a_permutation_of_the_original() -> None:
     model = _randomized("resnet20-batch", 0)
     spec = model.permutation_spec()
