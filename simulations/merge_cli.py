@@ -3,10 +3,14 @@
 The inputs are safetensors state dicts of one zoo model (the ServerApp's checkpoints, or any
 ``safetensors.torch.save_file`` of a ``state_dict()``); they are read without unpickling and
 checked against the model built from ``--model``/``--dataset``/``--width``/``--norm`` before
-any matching starts. The merge is :func:`rebasin.merge.merge_to_reference` (``--method
-reference``) or :func:`rebasin.merge.merge_many` (``--method merge-many``), with the same
-seeds, so the file holds exactly what those functions return for the same inputs (tested);
-each input's sweeps and objective gain come from the matchings themselves.
+any matching starts. Each of those options left out is taken from the inputs' string metadata
+(``model``, ``dataset``, ``width``, ``norm``, as the ServerApp's checkpoints and this command's
+own output store them), which must agree across the inputs and with the options given.
+
+The merge is :func:`rebasin.merge.merge_to_reference` (``--method reference``) or
+:func:`rebasin.merge.merge_many` (``--method merge-many``), with the same seeds, so the file
+holds exactly what those functions return for the same inputs (tested); each input's sweeps
+and objective gain come from the matchings themselves.
 
 This module is imported when the CLI starts: torch, safetensors and the engine are imported
 inside the functions.
@@ -40,6 +44,13 @@ if TYPE_CHECKING:
 
 MERGED_FORMAT = "rebasin-fl-merged/1"
 METHODS: tuple[str, ...] = ("reference", "merge-many")
+MODELS: tuple[str, ...] = ("mlp", "vgg", "resnet20")
+DATASETS: tuple[str, ...] = ("mnist", "cifar10")
+NORMS: tuple[str, ...] = ("batch", "layer", "none")
+DEFAULT_WIDTH = 1.0
+DEFAULT_NORM = "batch"
+ARCHITECTURE_FIELDS: tuple[str, ...] = ("model", "dataset", "width", "norm")
+_CHOICES: dict[str, tuple[str, ...]] = {"model": MODELS, "dataset": DATASETS, "norm": NORMS}
 
 BATCHNORM_WARNING = (
     "Warning: the model has BatchNorm layers, and the merged running statistics are the "
@@ -53,6 +64,34 @@ class MergeInputError(ValueError):
 
 
 @dataclass(frozen=True)
+class Architecture:
+    """The inputs' model, and which of its fields came from the files' metadata.
+
+    Attributes
+    ----------
+    model, dataset
+        The zoo model and its data set; ``None`` when neither given nor in any metadata.
+    width, norm
+        Width multiplier and normalisation (given, from metadata, or the defaults).
+    from_metadata
+        The fields (of ``model``, ``dataset``, ``width``, ``norm``) taken from metadata.
+    """
+
+    model: str | None
+    dataset: str | None
+    width: float
+    norm: str
+    from_metadata: tuple[str, ...]
+
+    def describe(self) -> str:
+        """One line: the architecture, and which of it came from the files' metadata."""
+        text = f"{self.model} on {self.dataset}, width {self.width:g}, norm {self.norm}"
+        if set(self.from_metadata) == set(ARCHITECTURE_FIELDS):
+            return f"architecture from file metadata: {text}"
+        return f"architecture: {text} ({', '.join(self.from_metadata)} from file metadata)"
+
+
+@dataclass(frozen=True)
 class InputReport:
     """What the merge did with one input: its matching statistics (``None``: not matched)."""
 
@@ -63,6 +102,135 @@ class InputReport:
 
 # --------------------------------------------------------------------------------------------
 # files
+
+
+def _unreadable(path: Path, exc: Exception) -> MergeInputError:
+    """The error for a file that safetensors cannot open or read, naming ``path``."""
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return MergeInputError(
+        f"{path}: not a readable safetensors file (corrupt or another format): {detail}"
+    )
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of safetensors file ``path`` (empty if it has none); no tensors.
+
+    Raises
+    ------
+    MergeInputError
+        Naming ``path``, as :func:`read_state_dict` does, if it is not a safetensors file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _stored_value(path: Path, field: str, text: str) -> str | float:
+    """Metadata ``field`` of ``path`` as the option would hold it: a float width, or a name.
+
+    Raises
+    ------
+    MergeInputError
+        Naming ``path`` and ``field``: a width that is not a number > 0, or a name that is
+        not one of the option's choices.
+    """
+    if field == "width":
+        try:
+            width = float(text)
+        except ValueError:
+            width = math.nan
+        if not (width > 0 and math.isfinite(width)):
+            raise MergeInputError(f"{path}: metadata width {text!r} is not a number > 0")
+        return width
+    if text not in _CHOICES[field]:
+        raise MergeInputError(
+            f"{path}: metadata {field} {text!r} is not one of {', '.join(_CHOICES[field])}"
+        )
+    return text
+
+
+def _shown(value: str | float) -> str:
+    """``value`` for a message: a width as short as it stays exact (``1``, ``0.125``)."""
+    if not isinstance(value, float):
+        return value
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+def resolve_architecture(
+    files: Sequence[Path],
+    metadata: Sequence[Mapping[str, str]],
+    *,
+    model: str | None,
+    dataset: str | None,
+    width: float | None,
+    norm: str | None,
+) -> Architecture:
+    """The architecture: the options given, and the inputs' metadata for those left out.
+
+    Parameters
+    ----------
+    files, metadata
+        The inputs and their safetensors metadata (:func:`read_metadata`), in the same order.
+    model, dataset, width, norm
+        The options; ``None`` for one not given.
+
+    Returns
+    -------
+    Architecture
+        A field not given is the value that the inputs carrying it store; with none carrying
+        it, ``model``/``dataset`` are ``None`` (the caller asks for the option) and
+        ``width``/``norm`` are 1.0 and ``batch``.
+
+    Raises
+    ------
+    MergeInputError
+        Two inputs storing different values for a field (naming both files and the field),
+        an input storing another value than the option given (naming the file, the field and
+        both values), or a stored value that is not valid (naming the file and the field).
+        Widths are compared as numbers.
+    """
+    given: dict[str, str | float | None] = {
+        "model": model, "dataset": dataset, "width": width, "norm": norm,
+    }  # fmt: skip
+    resolved: dict[str, str | float | None] = {}
+    from_metadata: list[str] = []
+    for field in ARCHITECTURE_FIELDS:
+        option = given[field]
+        first: tuple[str | float, Path] | None = None
+        for path, stored in zip(files, metadata):
+            if field not in stored:
+                continue
+            value = _stored_value(path, field, stored[field])
+            if option is not None and value != option:
+                raise MergeInputError(
+                    f"{path}: its metadata has {field} {_shown(value)}, "
+                    f"but --{field} is {_shown(option)}"
+                )
+            if first is None:
+                first = (value, path)
+            elif value != first[0]:
+                raise MergeInputError(
+                    f"inputs disagree on {field}: {first[1]} has {_shown(first[0])}, "
+                    f"{path} has {_shown(value)}"
+                )
+        if option is None and first is not None:
+            option = first[0]
+            from_metadata.append(field)
+        resolved[field] = option
+    width_value = resolved["width"]
+    norm_value = resolved["norm"]
+    return Architecture(
+        model=None if resolved["model"] is None else str(resolved["model"]),
+        dataset=None if resolved["dataset"] is None else str(resolved["dataset"]),
+        width=DEFAULT_WIDTH if width_value is None else float(width_value),
+        norm=DEFAULT_NORM if norm_value is None else str(norm_value),
+        from_metadata=tuple(from_metadata),
+    )
 
 
 def read_state_dict(path: Path, reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -85,10 +253,7 @@ def read_state_dict(path: Path, reference: Mapping[str, torch.Tensor]) -> dict[s
         with safe_open(str(path), framework="pt") as handle:
             state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MergeInputError(
-            f"{path}: not a readable safetensors file (corrupt or another format): {detail}"
-        ) from None
+        raise _unreadable(path, exc) from None
     try:
         validate_state_dict(state_dict, reference, name=str(path))
     except ValueError as exc:
@@ -334,25 +499,43 @@ def merge_command(
             show_default=False,
         ),
     ],
-    model: Annotated[
-        str,
-        typer.Option(
-            click_type=click.Choice(["mlp", "vgg", "resnet20"]),
-            help="the inputs' architecture (vgg and resnet20: cifar10 only)",
-        ),
-    ],
-    dataset: Annotated[str, typer.Option(click_type=click.Choice(["mnist", "cifar10"]))],
     out: Annotated[
         Path, typer.Option(dir_okay=False, help="merged model (safetensors)", show_default=False)
     ],
-    width: Annotated[float, typer.Option(help="width multiplier (mlp: 512 x width units)")] = 1.0,
-    norm: Annotated[
-        str,
+    model: Annotated[
+        str | None,
         typer.Option(
-            click_type=click.Choice(["batch", "layer", "none"]),
-            help="vgg/resnet20 normalisation (ignored by mlp)",
+            click_type=click.Choice(list(MODELS)),
+            help="the inputs' architecture, vgg and resnet20 on cifar10 only (default: the "
+            "inputs' metadata)",
+            show_default=False,
         ),
-    ] = "batch",
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            click_type=click.Choice(list(DATASETS)),
+            help="(default: the inputs' metadata)",
+            show_default=False,
+        ),
+    ] = None,
+    width: Annotated[
+        float | None,
+        typer.Option(
+            help="width multiplier, mlp: 512 x width units (default: the inputs' metadata, "
+            "else 1.0)",
+            show_default=False,
+        ),
+    ] = None,
+    norm: Annotated[
+        str | None,
+        typer.Option(
+            click_type=click.Choice(list(NORMS)),
+            help="vgg/resnet20 normalisation, ignored by mlp (default: the inputs' "
+            "metadata, else batch)",
+            show_default=False,
+        ),
+    ] = None,
     method: Annotated[
         str,
         typer.Option(
@@ -406,6 +589,11 @@ def merge_command(
     state_dict()); it is read without pickle and must have that model's keys,
     shapes and dtypes, and finite values.
 
+    Each of those four options left out comes from the files' metadata (the
+    ServerApp's checkpoints and this command's output store model, dataset,
+    width and norm), so server checkpoints merge without them. Every file
+    storing a field must agree with the others and with the option given.
+
     --method reference aligns every input to input --reference (default 0) by
     weight matching and takes the --weights-weighted average; merge-many
     (MergeMany) aligns each input to the mean of the others until nothing
@@ -456,11 +644,35 @@ def merge_command(
         raise typer.BadParameter(f"{out} is one of the input files", param_hint="--out")
     if device == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("no CUDA device here", param_hint="--device")
-    if not (width > 0 and math.isfinite(width)):
+    if width is not None and not (width > 0 and math.isfinite(width)):
         raise typer.BadParameter(f"must be > 0, got {width:g}", param_hint="--width")
+
+    # The architecture: the options given, the files' metadata for those left out.
+    try:
+        architecture = resolve_architecture(
+            files,
+            [read_metadata(path) for path in files],
+            model=model,
+            dataset=dataset,
+            width=width,
+            norm=norm,
+        )
+    except MergeInputError as exc:
+        raise fail(str(exc), code=1) from None
+    for option, value in (("--model", architecture.model), ("--dataset", architecture.dataset)):
+        if value is None:
+            raise click.MissingParameter(
+                f"No input's metadata names the {option[2:]}: pass {option}",
+                param_hint=f"'{option}'",
+                param_type="option",
+            )
+    model, dataset = str(architecture.model), str(architecture.dataset)
+    width, norm = architecture.width, architecture.norm
     try:
         net = build_model(model, dataset, width=width, norm=norm)  # type: ignore[arg-type]
     except ValueError as exc:  # a conv model on MNIST's 1 x 28 x 28 images
+        if {"model", "dataset"} & set(architecture.from_metadata):
+            raise fail(f"the inputs' metadata: {exc}", code=1) from None
         raise typer.BadParameter(str(exc), param_hint="--model") from None
     batchnorm = has_batchnorm(net)
     if bn_data_dir is not None and not batchnorm:
@@ -476,6 +688,8 @@ def merge_command(
     template = net.state_dict()
     console = Console()
     err_console = Console(stderr=True)
+    if architecture.from_metadata:
+        console.print(architecture.describe(), soft_wrap=True, highlight=False)
     start = time.perf_counter()
     # Bars on a terminal only: redirected output keeps the table and messages alone.
     progress = progress_bars(err_console) if err_console.is_terminal else None

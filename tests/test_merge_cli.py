@@ -17,6 +17,9 @@ from rebasin.merge import merge_many, merge_to_reference
 from rebasin.norm import reset_batchnorm_stats
 from rebasin.permute import apply_permutation, random_perms
 from rebasin.zoo import build_model
+from server.app import model_identity
+from server.checkpoint import save_checkpoint
+from server.config import ServerConfig
 from simulations.cli import app
 from simulations.merge_cli import BATCHNORM_WARNING, batchnorm_batches
 
@@ -158,13 +161,145 @@ def _clients(tmp_path: Path, n: int = 3) -> list[Path]:
     return [_save(_mlp(s).state_dict(), tmp_path / f"c{s}.safetensors") for s in range(n)]
 
 
-def test_a_corrupt_file_is_named(tmp_path: Path) -> None:
-    files = _clients(tmp_path, 2)
+def _server_checkpoints(
+    tmp_path: Path, n: int = 2, width: float = 0.125, **config: str
+) -> list[Path]:
+    """``n`` MLP checkpoints written as the ServerApp writes them, one run directory each."""
+    identity = model_identity(ServerConfig(model="mlp", dataset="mnist", width=width, **config))
+    return [
+        save_checkpoint(tmp_path / f"run{s}", 5, _mlp(s, width).state_dict(), identity)
+        for s in range(n)
+    ]
+
+
+def test_server_checkpoints_merge_without_the_architecture_options(tmp_path: Path) -> None:
+    files = _server_checkpoints(tmp_path, 3)
+    short, full = tmp_path / "short.safetensors", tmp_path / "full.safetensors"
+    code, output = _merge(*files, "--out", short)
+    assert code == 0, output
+    assert "architecture from file metadata: mlp on mnist, width 0.125, norm batch" in output
+    code, output = _merge(*files, *MLP_ARGS, "--norm", "batch", "--out", full)
+    assert code == 0, output
+    assert "architecture" not in output  # nothing came from the metadata
+    merged, expected = load_file(str(short)), load_file(str(full))
+    assert merged.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(merged[key], expected[key]), key
+    # Some options given, the rest from the metadata; 0.1250 is the stored 0.125.
+    partial = tmp_path / "partial.safetensors"
+    code, output = _merge(*files, "--model", "mlp", "--width", "0.1250", "--out", partial)
+    assert code == 0, output
+    assert (
+        "architecture: mlp on mnist, width 0.125, norm batch (dataset, norm from file metadata)"
+    ) in output
+    assert torch.equal(load_file(str(partial))["layers.0.weight"], merged["layers.0.weight"])
+
+
+def test_a_merged_file_can_be_merged_again_without_options(tmp_path: Path) -> None:
+    files = _server_checkpoints(tmp_path, 3)
+    first = tmp_path / "first.safetensors"
+    code, output = _merge(files[0], files[1], "--out", first)
+    assert code == 0, output
+    again, expected = tmp_path / "again.safetensors", tmp_path / "expected.safetensors"
+    code, output = _merge(first, files[2], "--out", again)
+    assert code == 0, output
+    assert "architecture from file metadata: mlp on mnist, width 0.125, norm batch" in output
+    # The merged file alone carries the whole architecture.
+    bare = _save(_mlp(7).state_dict(), tmp_path / "bare.safetensors")
+    code, output = _merge(first, bare, "--out", tmp_path / "with-bare.safetensors")
+    assert code == 0, output
+    assert "architecture from file metadata: mlp on mnist, width 0.125, norm batch" in output
+    code, output = _merge(first, files[2], *MLP_ARGS, "--out", expected)
+    assert code == 0, output
+    merged, reference = load_file(str(again)), load_file(str(expected))
+    for key in reference:
+        assert torch.equal(merged[key], reference[key]), key
+    with safe_open(str(again), framework="pt") as handle:
+        metadata = handle.metadata()
+    stored = {k: metadata[k] for k in ("model", "dataset", "width", "norm")}
+    assert stored == {"model": "mlp", "dataset": "mnist", "width": "0.125", "norm": "batch"}
+
+
+def test_inputs_whose_metadata_disagree_are_named(tmp_path: Path) -> None:
+    narrow = _server_checkpoints(tmp_path / "narrow", 1)[0]
+    wide = _server_checkpoints(tmp_path / "wide", 1, width=0.25)[0]
+    bare = _save(_mlp(3).state_dict(), tmp_path / "bare.safetensors")  # no metadata: no vote
+    out = tmp_path / "m.safetensors"
+    code, output = _merge(narrow, bare, wide, "--out", out)
+    assert code == 1
+    assert output.strip() == f"Error: inputs disagree on width: {narrow} has 0.125, {wide} has 0.25"
+    assert not out.exists()
+    layer = _server_checkpoints(tmp_path / "layer", 1, norm="layer")[0]
+    code, output = _merge(narrow, layer, "--out", out)
+    assert code == 1
+    assert (
+        output.strip() == f"Error: inputs disagree on norm: {narrow} has batch, {layer} has layer"
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--width", "1"], "its metadata has width 0.125, but --width is 1"),
+        (["--norm", "layer"], "its metadata has norm batch, but --norm is layer"),
+        (["--dataset", "cifar10"], "its metadata has dataset mnist, but --dataset is cifar10"),
+        (["--model", "vgg"], "its metadata has model mlp, but --model is vgg"),
+    ],
+)
+def test_an_option_that_contradicts_the_metadata_is_named(
+    tmp_path: Path, option: list[str], message: str
+) -> None:
+    bare = _save(_mlp(3).state_dict(), tmp_path / "bare.safetensors")
+    files = _server_checkpoints(tmp_path, 2)
+    out = tmp_path / "m.safetensors"
+    code, output = _merge(bare, *files, *option, "--out", out)
+    assert code == 1
+    assert output.strip() == f"Error: {files[0]}: {message}"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("width", "wide", "metadata width 'wide' is not a number > 0"),
+        ("width", "0", "metadata width '0' is not a number > 0"),
+        ("model", "bert", "metadata model 'bert' is not one of mlp, vgg, resnet20"),
+    ],
+)
+def test_bad_metadata_is_named(tmp_path: Path, key: str, value: str, message: str) -> None:
+    files = _clients(tmp_path, 1)
+    metadata = {"model": "mlp", "dataset": "mnist", "width": "0.125", key: value}
+    state = {k: v.contiguous() for k, v in _mlp(1).state_dict().items()}
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad), metadata=metadata)
+    code, output = _merge(*files, bad, "--out", tmp_path / "m.safetensors")
+    assert code == 1
+    assert output.strip() == f"Error: {bad}: {message}"
+
+
+def test_no_model_or_dataset_anywhere_is_a_usage_error_naming_the_option(tmp_path: Path) -> None:
+    files = _clients(tmp_path, 2)  # save_file without metadata
+    out = tmp_path / "m.safetensors"
+    code, output = _merge(*files, "--dataset", "mnist", "--out", out)
+    assert code == 2
+    flat = _flat(output)
+    assert "Missing option '--model'. No input's metadata names the model: pass --model" in flat
+    code, output = _merge(*files, "--model", "mlp", "--out", out)
+    assert code == 2
+    assert "Missing option '--dataset'." in _flat(output) and "pass --dataset" in _flat(output)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("options", [True, False])
+def test_a_corrupt_file_is_named(tmp_path: Path, options: bool) -> None:
+    # Without the options the metadata is read first: the same error.
+    files = _clients(tmp_path, 2) if options else _server_checkpoints(tmp_path, 2)
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
                         .to(torch.uint8).numpy().tobytes())  # fmt: skip
     out = tmp_path / "m.safetensors"
-    code, output = _merge(files[0], corrupt, files[1], *MLP_ARGS, "--out", out)
+    args = MLP_ARGS if options else []
+    code, output = _merge(files[0], corrupt, files[1], *args, "--out", out)
     assert code == 1
     assert output.startswith(f"Error: {corrupt}: not a readable safetensors file")
     assert len(output.strip().splitlines()) == 1
