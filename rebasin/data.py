@@ -290,8 +290,9 @@ def _load_mnist(root: Path, train: bool, download: bool) -> tuple[torch.Tensor, 
     if missing and not download:
         raise FileNotFoundError(
             f"MNIST not found in data directory {root}: looked for {', '.join(missing)} in "
-            f"{raw}. Pass download=True (needs internet), or point the data directory "
-            f"(argument or ${DATA_DIR_ENV}) at a folder that holds MNIST/raw."
+            f"{raw}. Download it (needs internet: download=True, or "
+            f"`rebasin simulate --download`), or point the data directory (argument, "
+            f"--data-dir or ${DATA_DIR_ENV}) at a folder that holds MNIST/raw."
         )
     dataset = MNIST(root=str(root), train=train, download=download)
     pixels = dataset.data.unsqueeze(1).contiguous()  # (N, 28, 28) -> (N, 1, 28, 28)
@@ -320,8 +321,9 @@ def _load_cifar10(
     raise FileNotFoundError(
         f"CIFAR-10 not found in data directory {root}: looked for the torchvision batches "
         f"{batches}, an ImageFolder directory {folder}/{{train,test}}/<class>/*.jpg and a "
-        f"tarball {tarball}. Pass download=True (needs internet), or point the data directory "
-        f"(argument or ${DATA_DIR_ENV}) at a folder that holds one of them."
+        f"tarball {tarball}. Download it (needs internet: download=True, or "
+        f"`rebasin simulate --download`), or point the data directory (argument, "
+        f"--data-dir or ${DATA_DIR_ENV}) at a folder that holds one of them."
     )
 
 

@@ -144,7 +144,7 @@ def test_missing_mnist_names_the_directory(tmp_path: Path) -> None:
     message = str(info.value)
     assert f"MNIST not found in data directory {tmp_path}" in message
     assert "train-images-idx3-ubyte" in message and str(tmp_path / "MNIST" / "raw") in message
-    assert "download=True" in message
+    assert "download=True" in message and "`rebasin simulate --download`" in message
 
 
 def test_missing_cifar10_names_everything_looked_for(tmp_path: Path) -> None:
@@ -154,6 +154,7 @@ def test_missing_cifar10_names_everything_looked_for(tmp_path: Path) -> None:
     assert f"CIFAR-10 not found in data directory {tmp_path}" in message
     for looked_for in ("cifar-10-batches-py", "cifar10-jpeg/{train,test}", "cifar10-jpeg.tar.gz"):
         assert looked_for in message
+    assert "`rebasin simulate --download`" in message and "--data-dir" in message
 
 
 def test_unknown_dataset_name() -> None:
