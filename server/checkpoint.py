@@ -59,6 +59,28 @@ def checkpoint_path(directory: str | Path, server_round: int) -> Path:
     return Path(directory) / f"round-{server_round:04d}.safetensors"
 
 
+def write_safetensors(
+    path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> None:
+    """Write ``state_dict`` and string ``metadata`` to ``path`` as safetensors, atomically.
+
+    The file is written beside ``path`` and renamed into place, so a crash mid-write never
+    leaves a truncated file under the final name.
+    """
+    path = Path(path)
+    # safetensors refuses views that share storage; a contiguous CPU copy is always safe.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=dict(metadata))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def save_checkpoint(
     directory: str | Path,
     server_round: int,
@@ -82,24 +104,12 @@ def save_checkpoint(
     bad = sorted(k for k, v in extra.items() if not isinstance(v, str))
     if bad:
         raise CheckpointError(f"checkpoint metadata must be strings; not for keys {bad}")
-    tensors = {}
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{key!r} is a {type(value).__name__}, not a tensor")
-        # safetensors refuses views that share storage; a contiguous CPU copy is always safe.
-        tensors[key] = value.detach().to("cpu").contiguous().clone()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, server_round)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        header = {"format": CHECKPOINT_FORMAT, "round": str(server_round), **extra}
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    header = {"format": CHECKPOINT_FORMAT, "round": str(server_round), **extra}
+    write_safetensors(path, state_dict, header)
     logger.info("checkpoint of round %d written to %s", server_round, path)
     return path
 

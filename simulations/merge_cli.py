@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -304,19 +302,9 @@ def write_merged(
     path: Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> None:
     """Write ``state_dict`` and ``metadata`` to ``path`` atomically (temporary file, rename)."""
-    from safetensors.torch import save_file
+    from server.checkpoint import write_safetensors
 
-    # safetensors refuses tensors that share storage; contiguous CPU copies are always safe.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_safetensors(path, state_dict, metadata)
 
 
 # --------------------------------------------------------------------------------------------
