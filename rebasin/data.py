@@ -54,7 +54,9 @@ DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 DATA_DIR_ENV = "REBASIN_DATA_DIR"
 CACHE_DIR_ENV = "REBASIN_CACHE_DIR"
 DEFAULT_DATA_DIR = Path("data")
-DEFAULT_CACHE_DIR = Path("~/.cache/rebasin")
+# Relative to the working directory, like ``./data``; never the data directory itself, which
+# may be read-only and shared.
+DEFAULT_CACHE_DIR = Path(".cache") / "rebasin"
 
 # Per-channel statistics of the training sets in [0, 1] pixel units (the values in common use).
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -181,20 +183,15 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     return DEFAULT_DATA_DIR
 
 
-def resolve_cache_dir(data_dir: Path, cache_dir: str | Path | None = None) -> Path:
-    """Where decoded images are cached.
-
-    ``cache_dir`` if given, else ``$REBASIN_CACHE_DIR``, else ``data_dir`` when it is
-    writable, else ``~/.cache/rebasin`` (shared data directories are often read-only).
-    """
+def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where decoded images are cached: ``cache_dir`` if given, else ``$REBASIN_CACHE_DIR``,
+    else ``./.cache/rebasin``; never the data directory (it may be read-only and shared)."""
     if cache_dir is not None and str(cache_dir) != "":
         return Path(cache_dir).expanduser()
     from_env = os.environ.get(CACHE_DIR_ENV, "")
     if from_env:
         return Path(from_env).expanduser()
-    if data_dir.is_dir() and os.access(data_dir, os.W_OK | os.X_OK):
-        return data_dir
-    return DEFAULT_CACHE_DIR.expanduser()
+    return DEFAULT_CACHE_DIR
 
 
 def load_dataset(
@@ -343,7 +340,7 @@ def _load_cifar10_cached(
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Read the split from the cache, decoding ``source`` (folder or tarball) on a miss."""
     fingerprint = _source_fingerprint(source)
-    write_dir = resolve_cache_dir(root, cache_dir)
+    write_dir = resolve_cache_dir(cache_dir)
     # A cache shipped next to the data is also accepted (read-only data directories).
     for directory in dict.fromkeys([write_dir, root]):
         cached = _read_cache(directory / _cache_name(split), fingerprint)

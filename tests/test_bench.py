@@ -11,11 +11,11 @@ from simulations.cli import app
 
 
 @pytest.mark.timeout(300)
-def test_bench_writes_tables_and_the_engine_matches_the_textbook(tmp_path, data_dir) -> None:
+def test_bench_writes_tables_and_the_engine_matches_the_textbook(tmp_path, small_data_dir) -> None:
     out = tmp_path / "bench"
     args = ["bench", "--out", str(out), "--widths", "0.25", "--trained-widths", "0.25",
             "--seeds", "0", "--clients", "2", "3", "--repeats", "1", "--train-steps", "2",
-            "--mlp-width", "0.125", "--data-dir", str(data_dir)]  # fmt: skip
+            "--mlp-width", "0.125", "--data-dir", str(small_data_dir)]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     bench = json.loads((out / "bench.json").read_text())

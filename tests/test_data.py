@@ -1,14 +1,26 @@
-"""Datasets: MNIST and CIFAR-10 from the shared data, the JPEG tarball cache, and errors."""
+"""Datasets: MNIST and CIFAR-10 from the data directory, every CIFAR-10 layout the loader
+reads (synthetic), the decoded-image cache, and errors."""
 
 from __future__ import annotations
 
 import io
+import pickle
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from datasets import (
+    add_bytes,
+    color_of,
+    find_data_dir,
+    png_bytes,
+    require,
+    synthetic_cifar10,
+    write_tarball,
+)
+from datasets import synthetic_members as _members
 from PIL import Image
 
 import rebasin.data as data_module
@@ -22,7 +34,7 @@ from rebasin.data import (
     resolve_data_dir,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA_DIR = find_data_dir()  # read before the fixture below hides $REBASIN_DATA_DIR
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -37,11 +49,12 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def mnist_train() -> LabeledData:
-    return load_dataset("mnist", train=True, data_dir=SHARED_DATA)
+    require("mnist", DATA_DIR)
+    return load_dataset("mnist", train=True, data_dir=DATA_DIR)
 
 
 # ------------------------------------------------------------------------------------------
-# MNIST from the shared data
+# MNIST from the data directory
 
 
 def test_mnist_train_matches_known_counts_and_normalisation(mnist_train: LabeledData) -> None:
@@ -59,19 +72,20 @@ def test_mnist_train_matches_known_counts_and_normalisation(mnist_train: Labeled
 
 
 def test_mnist_test_split_through_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REBASIN_DATA_DIR", str(SHARED_DATA))
+    require("mnist", DATA_DIR)
+    monkeypatch.setenv("REBASIN_DATA_DIR", str(DATA_DIR))
     test = load_dataset("mnist", train=False)
     assert len(test) == 10000
     assert test.class_counts().tolist() == MNIST_TEST_COUNTS
 
 
 def test_limit_per_class_keeps_the_first_examples(mnist_train: LabeledData) -> None:
-    small = load_dataset("mnist", train=True, data_dir=SHARED_DATA, limit_per_class=7)
+    small = load_dataset("mnist", train=True, data_dir=DATA_DIR, limit_per_class=7)
     assert small.class_counts().tolist() == [7] * 10
     first_zeros = torch.nonzero(mnist_train.labels == 0).flatten()[:7]
     assert torch.equal(small.images[small.labels == 0], mnist_train.images[first_zeros])
     with pytest.raises(ValueError, match="limit_per_class must be >= 1"):
-        load_dataset("mnist", train=True, data_dir=SHARED_DATA, limit_per_class=0)
+        load_dataset("mnist", train=True, data_dir=DATA_DIR, limit_per_class=0)
 
 
 def test_subset_and_loader(mnist_train: LabeledData) -> None:
@@ -128,14 +142,10 @@ def test_resolve_data_dir_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 
 
 def test_resolve_cache_dir_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    assert resolve_cache_dir(data_dir) == data_dir  # writable data directory
-    monkeypatch.setattr(data_module.os, "access", lambda *args: False)  # read-only
-    assert resolve_cache_dir(data_dir) == tmp_path / "home" / ".cache" / "rebasin"
+    assert resolve_cache_dir() == Path(".cache") / "rebasin"  # never the data directory
     monkeypatch.setenv("REBASIN_CACHE_DIR", str(tmp_path / "env-cache"))
-    assert resolve_cache_dir(data_dir) == tmp_path / "env-cache"
-    assert resolve_cache_dir(data_dir, tmp_path / "arg") == tmp_path / "arg"
+    assert resolve_cache_dir() == tmp_path / "env-cache"
+    assert resolve_cache_dir(tmp_path / "arg") == tmp_path / "arg"
 
 
 def test_missing_mnist_names_the_directory(tmp_path: Path) -> None:
@@ -159,52 +169,18 @@ def test_missing_cifar10_names_everything_looked_for(tmp_path: Path) -> None:
 
 def test_unknown_dataset_name() -> None:
     with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
-        load_dataset("svhn", train=True, data_dir=SHARED_DATA)  # type: ignore[arg-type]
+        load_dataset("svhn", train=True, data_dir=DATA_DIR)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------
 # CIFAR-10 from an ImageFolder tarball or directory (synthetic, small)
 
 
-def color_of(split: str, label: int, index: int) -> tuple[int, int, int]:
-    """A distinct solid colour per image, so that order and labels can be checked exactly."""
-    return (10 * label + index, 100 + (split == "test") * 50, 200 - label)
-
-
-def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")  # lossless: exact pixels
-    return buffer.getvalue()
-
-
-def add_bytes(archive: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    archive.addfile(info, io.BytesIO(payload))
-
-
 PER_CLASS = {"train": 3, "test": 2}
 
 
 def synthetic_members(prefix: str = "") -> dict[str, bytes]:
-    members = {}
-    for split, count in PER_CLASS.items():
-        for label, name in enumerate(CIFAR10_CLASSES):
-            # Reverse file order in the archive: the loader must sort by file name.
-            for index in reversed(range(count)):
-                members[f"{prefix}{split}/{name}/{index:04d}.png"] = png_bytes(
-                    color_of(split, label, index)
-                )
-    members[f"{prefix}README.txt"] = b"not an image"
-    members[f"{prefix}train/cat/notes.txt"] = b"ignored"
-    return members
-
-
-def write_tarball(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as archive:
-        for name, payload in members.items():
-            add_bytes(archive, name, payload)
-    return path
+    return _members(PER_CLASS, prefix)
 
 
 def assert_synthetic_split(data: LabeledData, split: str) -> None:
@@ -259,10 +235,46 @@ def test_changed_tarball_invalidates_the_cache(tmp_path: Path) -> None:
     assert torch.equal(first.images[1:], second.images[1:])
 
 
-def test_cache_goes_to_the_writable_data_dir_by_default(tmp_path: Path) -> None:
-    write_tarball(tmp_path / "cifar10-jpeg.tar.gz", synthetic_members())
-    load_dataset("cifar10", train=True, data_dir=tmp_path)
-    assert (tmp_path / "cifar10-jpeg-train.safetensors").is_file()
+def test_cache_never_goes_into_the_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = synthetic_cifar10(tmp_path / "data", PER_CLASS, layout="tarball")
+    monkeypatch.chdir(tmp_path)
+    assert_synthetic_split(load_dataset("cifar10", train=True, data_dir=data_dir), "train")
+    assert sorted(p.name for p in data_dir.iterdir()) == ["cifar10-jpeg.tar.gz"]
+    cached = sorted(p.name for p in (tmp_path / ".cache" / "rebasin").iterdir())
+    assert cached == ["cifar10-jpeg-test.safetensors", "cifar10-jpeg-train.safetensors"]
+
+
+def test_cifar10_from_torchvision_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The third layout: torchvision's pickle batches (``cifar-10-batches-py``), read by
+    torchvision itself; its checksum test of the real files is bypassed for this copy."""
+    import torchvision.datasets.cifar as cifar_module
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    splits = {}
+    for name, count in [(f"data_batch_{i}", 2) for i in range(1, 6)] + [("test_batch", 3)]:
+        pixels = rng.integers(0, 256, size=(count, 3 * 32 * 32), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=count).tolist()
+        splits[name] = (pixels, labels)
+        with open(folder / name, "wb") as handle:
+            pickle.dump({"data": pixels, "labels": labels}, handle)
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({"label_names": list(CIFAR10_CLASSES)}, handle)
+    monkeypatch.setattr(cifar_module, "check_integrity", lambda *args, **kwargs: True)
+
+    test = load_dataset("cifar10", train=False, data_dir=tmp_path)
+    pixels, labels = splits["test_batch"]
+    assert test.labels.tolist() == labels and test.classes == list(CIFAR10_CLASSES)
+    mean, std = NORMALIZATION["cifar10"]
+    restored = test.images * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    expected = torch.from_numpy(pixels).view(3, 3, 32, 32).float() / 255
+    torch.testing.assert_close(restored, expected, atol=1e-6, rtol=0)
+    train = load_dataset("cifar10", train=True, data_dir=tmp_path)
+    assert len(train) == 10
+    assert train.labels.tolist() == sum((splits[f"data_batch_{i}"][1] for i in range(1, 6)), [])
 
 
 def test_cifar10_from_image_folder_directory(tmp_path: Path) -> None:
@@ -339,18 +351,20 @@ def test_missing_class_folder_and_wrong_size_are_reported(tmp_path: Path) -> Non
 
 
 # ------------------------------------------------------------------------------------------
-# CIFAR-10 from the real shared tarball (decodes 60,000 JPEGs once, about 20-30 s)
+# CIFAR-10 from the real copy, where present (CI has it): 60,000 JPEGs, decoded once, about
+# 20-30 s
 
 
-def test_cifar10_from_the_shared_tarball(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cifar10_from_the_real_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    require("cifar10", DATA_DIR)
     monkeypatch.setenv("REBASIN_CACHE_DIR", str(tmp_path / "cache"))
-    train = load_dataset("cifar10", train=True, data_dir=SHARED_DATA)
+    train = load_dataset("cifar10", train=True, data_dir=DATA_DIR)
     assert train.images.shape == (50000, 3, 32, 32)
     assert train.class_counts().tolist() == [5000] * 10
     assert train.classes == list(CIFAR10_CLASSES)
     # JPEG decoding shifts the statistics a little from the ones of the lossless originals.
     assert train.images.mean(dim=(0, 2, 3)).abs().max() < 0.05
     assert (train.images.std(dim=(0, 2, 3)) - 1.0).abs().max() < 0.05
-    test = load_dataset("cifar10", train=False, data_dir=SHARED_DATA)  # from the cache
+    test = load_dataset("cifar10", train=False, data_dir=DATA_DIR)  # from the cache
     assert test.images.shape == (10000, 3, 32, 32)
     assert test.class_counts().tolist() == [1000] * 10

@@ -367,8 +367,12 @@ def test_one_file_or_out_over_an_input_is_refused(tmp_path: Path) -> None:
         assert code == 2 and "Invalid value for --device: no CUDA device here" in _flat(output)
 
 
-@pytest.mark.timeout(300)  # the first CIFAR-10 load may decode the JPEG tarball
-def test_batchnorm_statistics_are_recomputed_or_flagged(tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.timeout(300)
+def test_batchnorm_statistics_are_recomputed_or_flagged(
+    tmp_path: Path, small_data_dir: Path
+) -> None:
+    data_dir = small_data_dir
+
     def vgg(seed: int) -> torch.nn.Module:
         return build_model("vgg", "cifar10", width=0.0625, norm="batch", seed=seed)
 

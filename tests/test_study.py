@@ -337,10 +337,11 @@ def test_tiny_study_writes_json_plots_and_summary(tmp_path: Path) -> None:
     assert epochs == ["0", "0.5", "1"]
 
 
-def test_tiny_architecture_study(tmp_path: Path) -> None:
+def test_tiny_architecture_study(tmp_path: Path, small_data_dir: Path) -> None:
     out = tmp_path / "arch"
     args = [
         "study", "--studies", "architecture", "--dataset", "cifar10",
+        "--data-dir", str(small_data_dir),
         "--models", "mlp", "vgg", "--params", "8000", "--epochs", "1", "--seeds", "0",
         "--limit-per-class", "10", "--test-limit-per-class", "5", "--batch-size", "16",
         "--lambdas", "3", "--repair-batches", "1", "--out", str(out),
