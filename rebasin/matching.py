@@ -41,6 +41,19 @@ from rebasin.spec import PermutationSpec, SpecError, is_running_stat
 _REL_TOL = 1e-12
 
 
+class MatchingError(ValueError):
+    """Weight matching cannot run on these models, for example because a similarity matrix
+    or the objective is not finite (weights so large that their products overflow).
+
+    ``model`` is the index of the failing model when several were being matched
+    (:func:`rebasin.merge.align_many`), else ``None``.
+    """
+
+    def __init__(self, message: str, model: int | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+
+
 @dataclass
 class MatchResult:
     """Outcome of :func:`weight_matching`.
@@ -292,6 +305,10 @@ class _MatchContext:
         rng = np.random.default_rng(seed)
         result = MatchResult(perms=perms, objective=[self.objective(perms)])
         total = result.objective[0]
+        if not np.isfinite(total):
+            raise MatchingError(
+                f"the matching objective is {total} (weights too large for {self.dtype} products)"
+            )
         for _ in range(self.max_iter):
             result.sweeps += 1
             progress = False
@@ -306,6 +323,13 @@ class _MatchContext:
                         # 0 + t == t exactly, so starting from the first term saves a zero fill.
                         sim = term.clone() if sim is None else sim.add_(term)
                 sim_cpu = sim.cpu().double().numpy()
+                if not np.isfinite(sim_cpu).all():
+                    # linear_sum_assignment would fail on it, or worse, return garbage.
+                    raise MatchingError(
+                        f"the similarity matrix of permutation {p!r} has "
+                        f"{int((~np.isfinite(sim_cpu)).sum())} non-finite entries (weights "
+                        f"too large for {self.dtype} products)"
+                    )
                 rows, cols = linear_sum_assignment(sim_cpu, maximize=True)
                 result.solves += 1
                 old = float(sim_cpu[rows, perms[p].cpu().numpy()].sum())

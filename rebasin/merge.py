@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rebasin.matching import MatchResult, weight_matching
-from rebasin.permute import Perms, apply_permutation, validate_state_dict
+from rebasin.matching import MatchingError, MatchResult, weight_matching
+from rebasin.permute import Perms, apply_permutation, is_finite, validate_state_dict
 from rebasin.spec import PermutationSpec, StateDict
 
 
@@ -57,16 +57,25 @@ class WeightedAverage:
         if not self._template:
             self._template = {k: v.detach() for k, v in state_dict.items()}
         self._total += weight
+        if not np.isfinite(self._total):
+            raise ValueError(
+                f"merge weights sum to {self._total}: give them relative to the largest"
+            )
 
     def result(self) -> StateDict:
+        """The weighted mean; ``ValueError`` naming the key if any entry is not finite."""
         if not self._template:
             raise ValueError("cannot average an empty list of models")
-        return {
+        mean = {
             key: (value / self._total).to(self._template[key].dtype)
             if self._template[key].is_floating_point()
             else value
             for key, value in self._sum.items()
         }
+        for key, value in mean.items():
+            if value.is_floating_point() and not is_finite(value):
+                raise ValueError(f"the weighted average is not finite in {key!r}")
+        return mean
 
 
 def average(
@@ -97,6 +106,13 @@ def merge_to_reference(
     ``seed + i``. Work grows linearly with ``len(models)`` and only one aligned copy exists
     at a time. ``on_match(i, result)``, if given, is called after model ``i`` is matched
     (progress, per-model statistics).
+
+    Raises
+    ------
+    MatchingError
+        Naming the model (``.model``: its index) whose matching failed.
+    ValueError
+        If the weights are not positive and finite, or the average is not finite.
     """
     weights = _check_models_and_weights(models, weights)
     ref = models[reference] if isinstance(reference, int) else reference
@@ -105,7 +121,10 @@ def merge_to_reference(
         if isinstance(reference, int) and i == reference:
             acc.add(model, weight)
             continue
-        result = weight_matching(spec, ref, model, seed=seed + i, max_iter=max_iter)
+        try:
+            result = weight_matching(spec, ref, model, seed=seed + i, max_iter=max_iter)
+        except MatchingError as exc:
+            raise MatchingError(f"model {i}: {exc}", model=i) from exc
         acc.add(apply_permutation(spec, result.perms, model), weight)
         if on_match is not None:
             on_match(i, result)
@@ -213,9 +232,12 @@ def align_many(
                 else v
                 for k, v in aligned[i].items()
             }
-            result = weight_matching(
-                spec, others_mean, aligned[i], seed=int(rng.integers(2**31)), max_iter=max_iter
-            )
+            try:
+                result = weight_matching(
+                    spec, others_mean, aligned[i], seed=int(rng.integers(2**31)), max_iter=max_iter
+                )
+            except MatchingError as exc:
+                raise MatchingError(f"model {i}: {exc}", model=int(i)) from exc
             sweeps[i] += result.sweeps
             gains[i] += result.objective[-1] - result.objective[0]
             if all(torch.equal(p, torch.arange(p.numel())) for p in result.perms.values()):
@@ -301,7 +323,10 @@ def _check_models_and_weights(
     for w in weights:
         if not (w > 0 and np.isfinite(w)):
             raise ValueError(f"merge weights must be positive and finite, got {w}")
-    return [float(w) for w in weights]
+    # Relative to the largest, in float64: weights whose sum overflows (1e308 twice) still
+    # give the right mean, never a silent zero.
+    largest = max(float(w) for w in weights)
+    return [float(w) / largest for w in weights]
 
 
 def _weighted_sum(

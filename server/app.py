@@ -77,6 +77,7 @@ def build_strategy(config: ServerConfig, model: nn.Module) -> Strategy:
         max_iter=config.max_iter,
         seed=config.seed,
         device=None if config.device == "auto" else config.device,
+        max_norm_ratio=config.max_norm_ratio,
     )
 
 

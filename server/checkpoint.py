@@ -156,7 +156,8 @@ def load_checkpoint(
             f"expected {CHECKPOINT_FORMAT!r}"
         )
     round_text = metadata.get("round", "")
-    if not round_text.isdigit():
+    # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
+    if not re.fullmatch(r"[0-9]+", round_text):
         raise CheckpointError(f"checkpoint {path} has a bad round {round_text!r}")
     for key, value in (expected_metadata or {}).items():
         if metadata.get(key) != value:

@@ -15,6 +15,7 @@ from typing import Any, Literal, Self
 from pydantic import ConfigDict, Field, model_validator
 
 from rebasin.data import resolve_data_dir
+from strategies.aggregate import DEFAULT_MAX_NORM_RATIO
 from strategies.run_config import TrainingConfig
 
 StrategyName = Literal["rebasin", "fedavg"]
@@ -42,6 +43,9 @@ class ServerConfig(TrainingConfig):
     reference, max_iter
         ReBasinFedAvg's alignment target (``global``, ``largest``, ``merge-many``) and most
         weight-matching sweeps.
+    max_norm_ratio
+        ReBasinFedAvg drops a reply whose norm is more than this many times
+        ``max(||global model||, 1)`` (see :func:`strategies.aggregate.magnitude_problem`).
     eval_on_server, server_eval_examples
         Evaluate the global model on the test set on the server before the first and after
         every round, on at most ``server-eval-examples`` examples (0: all).
@@ -71,6 +75,7 @@ class ServerConfig(TrainingConfig):
     strategy: StrategyName = "rebasin"
     reference: ReferenceName = "global"
     max_iter: int = Field(default=100, ge=1)
+    max_norm_ratio: float = Field(default=DEFAULT_MAX_NORM_RATIO, gt=0)
     eval_on_server: bool = True
     server_eval_examples: int = Field(default=0, ge=0)
     server_data_dir: str = ""

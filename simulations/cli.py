@@ -72,7 +72,8 @@ class GreedyCommand(TyperCommand):
 
     Click options take one value per occurrence; before parsing, ``--opt a b c`` is rewritten
     to ``--opt a --opt b --opt c`` for the options in :attr:`greedy` (values run up to the
-    next token that starts with ``-``).
+    next token that starts with ``-`` and is not a number: ``--weights 1 -2`` passes ``-2``
+    on, for the option's own check to refuse).
     """
 
     greedy: frozenset[str] = frozenset({"--seeds", "--strategies"})
@@ -84,7 +85,7 @@ class GreedyCommand(TyperCommand):
             if token == "--":
                 current = None
                 rewritten.append(token)
-            elif token.startswith("-"):
+            elif token.startswith("-") and not (current is not None and _is_number(token)):
                 name = token.split("=", 1)[0]
                 current = name if name in self.greedy else None
                 rewritten.append(token)
@@ -93,6 +94,14 @@ class GreedyCommand(TyperCommand):
             else:
                 rewritten.append(token)
         return super().parse_args(ctx, rewritten)
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -429,7 +429,8 @@ def print_summary(
     """A table: per input its weight, share of the total, matching sweeps, gain and time."""
     from rich.table import Table
 
-    total = sum(weights)
+    largest = max(weights)
+    total = sum(w / largest for w in weights)  # relative: 1e308 twice must not overflow
     table = Table(title=title)
     table.add_column("#", justify="right")
     table.add_column("file", overflow="fold")
@@ -443,7 +444,7 @@ def print_summary(
             str(i),
             str(path),
             f"{weight:g}",
-            f"{100 * weight / total:.1f}%",
+            f"{100 * weight / largest / total:.1f}%",
             "reference" if report.sweeps is None else str(report.sweeps),
             "-" if report.objective_gain is None else f"{report.objective_gain:.6g}",
             "-" if report.seconds is None else f"{report.seconds:.2f}",
@@ -599,6 +600,7 @@ def merge_command(
     import torch
     from rich.console import Console
 
+    from rebasin.matching import MatchingError
     from rebasin.norm import has_batchnorm
     from rebasin.zoo import build_model
     from simulations.cli import command_line, fail, progress_bars, setup_logging
@@ -714,6 +716,13 @@ def merge_command(
                 bn_note = f"recomputed on {seen} {dataset} training examples"
     except MergeInputError as exc:
         raise fail(str(exc), code=1) from None
+    except MatchingError as exc:
+        # Finite inputs can still be too large to match (their products overflow).
+        where = f"input {exc.model} ({files[exc.model]})" if exc.model is not None else "merge"
+        message = str(exc).removeprefix(f"model {exc.model}: ")
+        raise fail(f"{where}: weight matching failed: {message}", code=1) from None
+    except ValueError as exc:  # the average of finite inputs overflowed
+        raise fail(f"the merge failed: {exc}", code=1) from None
 
     metadata = merged_metadata(
         method=method,

@@ -25,7 +25,7 @@ LimitPerClassOption = Annotated[
 TestLimitPerClassOption = Annotated[
     int | None, typer.Option(help="use the first N test examples of each class")
 ]
-MaxIterOption = Annotated[int, typer.Option(help="most weight-matching sweeps")]
+MaxIterOption = Annotated[int, typer.Option(min=1, help="most weight-matching sweeps")]
 DataDirOption = Annotated[
     Path | None,
     typer.Option(envvar="REBASIN_DATA_DIR", help="data directory (MNIST/raw, CIFAR-10)"),

@@ -5,21 +5,26 @@ and the legacy :class:`~strategies.legacy.ReBasinFedAvgLegacy`) turn their Flowe
 into :class:`ClientUpdate` values and call :func:`rebasin_aggregate`, which
 
 1. drops every update that is unusable (the front end's own finding, a weight that is not a
-   positive number, arrays that cannot be read, or a state dict that differs from the global
-   model in keys, shapes or dtypes, or holds NaN/Inf), with one warning naming the node;
-2. keeps the previous global model when fewer than ``min_valid`` updates remain;
+   whole number of examples in ``[1, MAX_NUM_EXAMPLES]``, arrays that cannot be read, a state
+   dict that differs from the global model in keys, shapes or dtypes, or holds NaN/Inf, or
+   one whose magnitude is far outside the global model's, see :func:`magnitude_problem`),
+   with one warning naming the node;
+2. keeps the previous global model when fewer than ``min_valid`` updates remain (every
+   update is still checked, so that each bad one is named);
 3. otherwise aligns each update to the reference by weight matching (warm-started from the
    node's permutations of its last round when that start is better than the identity) and
    averages the aligned models weighted by their number of examples; or, with the
    ``"merge-many"`` reference, aligns all of them to each other (MergeMany) and takes
-   :func:`rebasin.merge.merge_many`'s average.
+   :func:`rebasin.merge.merge_many`'s average. An update whose matching fails is dropped
+   with the reason, and the round goes on without it;
+4. keeps the previous global model, with a warning, if the merged model is not finite.
 
 The average to a reference uses FedAvg's own floating-point arithmetic
 (``sum_i x_i * (w_i / W)``, accumulated in the parameters' dtype, in reply order), so that
 when matching finds the identity the result is bit for bit what Flower's FedAvg returns;
 MergeMany's average is :func:`rebasin.merge.average` (accumulated in float64). Each update
-is converted to tensors once and, except for MergeMany, only one client model is held at a
-time.
+is converted to tensors twice, to be checked and to be merged, so that, except for MergeMany,
+only one client model is held at a time.
 """
 
 from __future__ import annotations
@@ -36,9 +41,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from rebasin.matching import weight_matching
+from rebasin.matching import MatchingError, weight_matching
 from rebasin.merge import align_many, average
-from rebasin.permute import Perms, apply_permutation, validate_state_dict
+from rebasin.permute import Perms, apply_permutation, is_finite, validate_state_dict
 from rebasin.spec import PermutationSpec, SpecError, StateDict, is_running_stat
 
 # A child of Flower's logger, so that these lines reach Flower's console handler (and
@@ -48,6 +53,11 @@ logger = logging.getLogger("flwr.rebasin")
 Reference = Literal["global", "largest", "merge-many"]
 REFERENCES: tuple[str, ...] = ("global", "largest", "merge-many")
 NodeId = Hashable
+
+# More examples than any client holds: a larger count is a bug or an attack, and counts up
+# to it sum exactly in float64 over any realistic number of clients.
+MAX_NUM_EXAMPLES = 10**12
+DEFAULT_MAX_NORM_RATIO = 1e3
 
 
 class ReBasinOptions(BaseModel):
@@ -66,14 +76,19 @@ class ReBasinOptions(BaseModel):
         same seed, so identical client models are permuted identically.
     device
         Where matching runs: ``"cuda"`` when available, else ``"cpu"`` by default.
+    max_norm_ratio
+        A reply whose L2 norm (over all floating-point entries) exceeds this many times
+        ``max(||global model||, 1)`` is dropped before it is matched or averaged (see
+        :func:`magnitude_problem`).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     reference: Reference = "global"
     max_iter: int = Field(default=100, ge=1)
     seed: int = 0
     device: str | None = None
+    max_norm_ratio: float = Field(default=DEFAULT_MAX_NORM_RATIO, gt=0)
 
     @field_validator("device")
     @classmethod
@@ -107,8 +122,9 @@ class ClientUpdate:
     weight
         The reported number of examples, unchecked (checked by :func:`rebasin_aggregate`).
     load
-        Converts the reply's arrays to a state dict of CPU tensors; called at most once.
-        May raise on malformed arrays: the reply is then dropped with the error's message.
+        Converts the reply's arrays to a state dict of CPU tensors; called at most twice (to
+        check the reply, then to merge it), returning equal tensors each time. May raise on
+        malformed arrays: the reply is then dropped with the error's message.
     problem
         Set when the front end already found the reply unusable (for example an error reply);
         the reply is then dropped with this reason.
@@ -241,13 +257,61 @@ def check_global_model(spec: PermutationSpec, state_dict: Mapping[str, torch.Ten
 
 
 def weight_problem(value: object, key: str) -> str | None:
-    """Why ``value`` cannot weight a client's model, or ``None`` if it can."""
+    """Why ``value`` cannot weight a client's model, or ``None`` if it can.
+
+    A weight is a count of examples: a whole number in ``[1, MAX_NUM_EXAMPLES]`` (an int, or a
+    float with an integral value).
+    """
     if value is None:
         return f"no {key!r} in its metrics"
     if isinstance(value, bool) or not isinstance(value, Real):
         return f"{key!r} must be a single number, got {type(value).__name__} {value!r}"
-    if not (math.isfinite(float(value)) and float(value) > 0):
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
         return f"{key!r} must be positive and finite, got {value!r}"
+    if not number.is_integer():
+        return f"{key!r} must be a whole number of examples, got {value!r}"
+    if number > MAX_NUM_EXAMPLES:
+        return f"{key!r} = {value!r} is more than the {MAX_NUM_EXAMPLES:.0e} examples allowed"
+    return None
+
+
+def model_norm(state_dict: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm over every floating-point entry, accumulated in float64 (never overflows)."""
+    squares = 0.0
+    for tensor in state_dict.values():
+        if tensor.is_floating_point():
+            squares += float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64)) ** 2
+    return math.sqrt(squares)
+
+
+def magnitude_problem(
+    state_dict: Mapping[str, torch.Tensor], global_norm: float, max_norm_ratio: float
+) -> str | None:
+    """Why a finite client model is too large to be matched or averaged, or ``None``.
+
+    Two bounds, either one drops the reply:
+
+    * an entry whose square overflows the matching dtype (float32, float64 for float64
+      models): similarity products of such weights are Inf;
+    * a model norm above ``max_norm_ratio * max(global_norm, 1)``: a reply that large would
+      dominate the average and poison the next round's global model (the floor of 1 keeps
+      an all-zero global model from refusing every reply).
+    """
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+        peak = float(tensor.detach().abs().max())
+        if peak > math.sqrt(torch.finfo(dtype).max):
+            return f"{key!r} holds a value of magnitude {peak:.3g}, whose square overflows {dtype}"
+    norm = model_norm(state_dict)
+    bound = max_norm_ratio * max(global_norm, 1.0)
+    if norm > bound:
+        return (
+            f"its norm {norm:.3g} is more than max_norm_ratio = {max_norm_ratio:g} times the "
+            f"global model's norm {global_norm:.3g} (max(norm, 1) is used)"
+        )
     return None
 
 
@@ -302,22 +366,27 @@ def rebasin_aggregate(
         when the previous global model should be kept; and what happened to every update.
     """
     report = RoundReport(reference=options.reference, received=len(updates))
-    candidates = _screen(updates, weight_key, report)
+    loader = _Loader(global_model, report, options.max_norm_ratio)
+    # Every reply is checked before any is merged: each bad one is named even in a round
+    # that cannot merge, and the sum's total weight is known exactly (FedAvg's arithmetic).
+    candidates = [c for c in _screen(updates, weight_key, report) if loader.check(c)]
     if len(candidates) < max(min_valid, 1):
         return None, _keep_previous(report, len(candidates), min_valid)
 
-    loader = _Loader(global_model, report)
     if options.reference == "merge-many":
-        merged = _merge_many(spec, candidates, loader, options)
+        merged = _merge_many(spec, candidates, loader, options, min_valid)
     else:
         merged = _align_and_average(
             spec, global_model, candidates, loader, options, warm_starts, scale_in_float64
         )
-    if merged is None:
-        return None, _keep_previous(report, len(report.valid), min_valid)
     report.valid = [u.node_id for u in candidates if u.node_id not in report.dropped]
-    if len(report.valid) < max(min_valid, 1):
+    if merged is None or len(report.valid) < max(min_valid, 1):
         return None, _keep_previous(report, len(report.valid), min_valid)
+    for key, tensor in merged.items():
+        if tensor.is_floating_point() and not is_finite(tensor):
+            return None, _keep_previous(
+                report, len(report.valid), min_valid, f"the merged model is not finite in {key!r}"
+            )
     logger.info(
         "Re-Basin merge: %d valid replies of %d (reference: %s)",
         len(report.valid),
@@ -364,36 +433,56 @@ def _screen(
 
 
 class _Loader:
-    """Reads a candidate's arrays once and checks them against the global model."""
+    """Checks a candidate's arrays against the global model (keys, shapes, dtypes,
+    finiteness, then magnitude), and reads them again, trusted, when they are merged.
 
-    def __init__(self, global_model: Mapping[str, torch.Tensor], report: RoundReport) -> None:
+    Reading twice keeps one client model in memory at a time: the reply's bytes are held
+    by the message anyway, and converting them costs little next to matching.
+    """
+
+    def __init__(
+        self, global_model: Mapping[str, torch.Tensor], report: RoundReport, max_norm_ratio: float
+    ) -> None:
         self._global = global_model
+        self._global_norm = model_norm(global_model)
+        self._max_norm_ratio = max_norm_ratio
         self.report = report
 
-    def __call__(self, candidate: _Candidate) -> StateDict | None:
-        if candidate.node_id in self.report.dropped:
-            return None
+    def check(self, candidate: _Candidate) -> bool:
+        """Whether the candidate's model is usable; if not, it is dropped with the reason."""
         try:
             state_dict = dict(candidate.load())
         except Exception as exc:  # malformed client data: any failure must only drop it
-            return self._drop(candidate, f"its arrays cannot be read: {exc}")
+            self.drop(candidate.node_id, f"its arrays cannot be read: {exc}")
+            return False
         try:
             validate_state_dict(state_dict, self._global, name="model")
         except ValueError as exc:
-            return self._drop(candidate, str(exc))
-        return state_dict
+            self.drop(candidate.node_id, str(exc))
+            return False
+        problem = magnitude_problem(state_dict, self._global_norm, self._max_norm_ratio)
+        if problem is not None:
+            self.drop(candidate.node_id, problem)
+            return False
+        return True
 
-    def _drop(self, candidate: _Candidate, problem: str) -> None:
-        self.report.dropped[candidate.node_id] = problem
-        log_dropped(candidate.node_id, problem)
-        return None
+    def __call__(self, candidate: _Candidate) -> StateDict:
+        """The checked candidate's model, as CPU tensors."""
+        return dict(candidate.load())
+
+    def drop(self, node_id: NodeId, problem: str) -> None:
+        """Record and log that ``node_id``'s reply is not used."""
+        self.report.dropped[node_id] = problem
+        log_dropped(node_id, problem)
 
 
-def _keep_previous(report: RoundReport, valid: int, min_valid: int) -> RoundReport:
+def _keep_previous(
+    report: RoundReport, valid: int, min_valid: int, reason: str | None = None
+) -> RoundReport:
     report.kept_previous = True
     report.valid = []
     report.alignments = {}
-    report.reason = (
+    report.reason = reason or (
         f"{valid} valid replies of {report.received}, fewer than the {max(min_valid, 1)} "
         "needed to merge"
     )
@@ -415,34 +504,30 @@ def _align_and_average(
     reference_id: NodeId | None = None
     held: dict[NodeId, StateDict] = {}
     if options.reference == "largest":
-        # The heaviest valid client is the reference (the first one on ties).
-        for candidate in sorted(candidates, key=lambda c: -c.weight):
-            state_dict = loader(candidate)
-            if state_dict is not None:
-                reference_id, held[candidate.node_id] = candidate.node_id, state_dict
-                break
-        if reference_id is None:
-            return None
-        reference = held[reference_id]
+        # The heaviest client is the reference (the first one on ties).
+        largest = max(candidates, key=lambda c: c.weight)
+        reference_id, reference = largest.node_id, loader(largest)
+        held[reference_id] = reference
     else:
         reference = global_model
     reference_on_device = {k: v.to(device) for k, v in reference.items()}
     matcher = _Matcher(spec, reference_on_device, options, device)
 
-    total = sum(c.weight for c in candidates if c.node_id not in loader.report.dropped)
-    acc = _FedAvgSum(total, scale_in_float64)
+    acc = _FedAvgSum(sum(c.weight for c in candidates), scale_in_float64)
     alignments = loader.report.alignments
     for candidate in candidates:
         state_dict = held.pop(candidate.node_id, None)
         if state_dict is None:
             state_dict = loader(candidate)
-        if state_dict is None:
-            continue
         if candidate.node_id == reference_id:
             alignment = _identity_alignment(spec, state_dict)
             aligned = state_dict
         else:
-            alignment = matcher.align(candidate.node_id, state_dict, warm_starts)
+            try:
+                alignment = matcher.align(candidate.node_id, state_dict, warm_starts)
+            except MatchingError as exc:
+                loader.drop(candidate.node_id, f"weight matching failed: {exc}")
+                continue
             aligned = apply_permutation(spec, alignment.perms, state_dict)
         alignments[candidate.node_id] = alignment
         acc.add(aligned, candidate.weight)
@@ -454,25 +539,35 @@ def _align_and_average(
 
 
 def _merge_many(
-    spec: PermutationSpec, candidates: list[_Candidate], loader: _Loader, options: ReBasinOptions
+    spec: PermutationSpec,
+    candidates: list[_Candidate],
+    loader: _Loader,
+    options: ReBasinOptions,
+    min_valid: int,
 ) -> StateDict | None:
     """Reference ``merge-many``: every valid model in memory, aligned to each other.
 
     The result is :func:`rebasin.merge.merge_many`'s, bit for bit (the same alignment, then
-    the same average); each valid node's alignment goes into the report.
+    the same average); each valid node's alignment goes into the report. A model whose
+    matching fails is dropped and the others are aligned again without it.
     """
     device = options.torch_device
-    node_ids, models, weights = [], [], []
-    for candidate in candidates:
-        state_dict = loader(candidate)
-        if state_dict is not None:
-            node_ids.append(candidate.node_id)
-            models.append({k: v.to(device) for k, v in state_dict.items()})
-            weights.append(candidate.weight)
-    if not models:
-        return None
+    node_ids = [c.node_id for c in candidates]
+    weights = [c.weight for c in candidates]
+    models = [{k: v.to(device) for k, v in loader(c).items()} for c in candidates]
     start = time.perf_counter()
-    result = align_many(spec, models, weights, seed=options.seed, max_iter=options.max_iter)
+    while True:
+        if len(models) < max(min_valid, 1):
+            return None
+        try:
+            result = align_many(spec, models, weights, seed=options.seed, max_iter=options.max_iter)
+            break
+        except MatchingError as exc:
+            if exc.model is None:
+                raise
+            loader.drop(node_ids[exc.model], f"weight matching failed: {exc}")
+            for values in (node_ids, models, weights):
+                del values[exc.model]
     merged = average(result.aligned, weights)
     logger.info(
         "\tMergeMany over %d models: %d rounds in %.3f s",

@@ -37,6 +37,7 @@ from torch import nn
 from rebasin.permute import Perms
 from rebasin.spec import PermutationSpec, StateDict
 from strategies.aggregate import (
+    DEFAULT_MAX_NORM_RATIO,
     ClientUpdate,
     NodeId,
     ReBasinOptions,
@@ -63,7 +64,7 @@ class ReBasinFedAvgLegacy(FedAvg):
         An explicit permutation spec, instead of (or to override that of) ``model``.
     state_dict_keys
         The key of each array in ``Parameters``, in order; needed when no ``model`` is given.
-    reference, max_iter, seed, device, example_input
+    reference, max_iter, seed, device, example_input, max_norm_ratio
         As in :class:`~strategies.rebasin_fedavg.ReBasinFedAvg`.
     **fedavg_kwargs
         Every keyword argument of :class:`flwr.server.strategy.FedAvg`
@@ -88,11 +89,16 @@ class ReBasinFedAvgLegacy(FedAvg):
         seed: int = 0,
         device: str | None = None,
         example_input: torch.Tensor | None = None,
+        max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(**fedavg_kwargs)
         self.options = ReBasinOptions(
-            reference=reference, max_iter=max_iter, seed=seed, device=device
+            reference=reference,
+            max_iter=max_iter,
+            seed=seed,
+            device=device,
+            max_norm_ratio=max_norm_ratio,
         )
         self.spec = resolve_spec(model, spec, example_input)
         if state_dict_keys is not None:

@@ -9,9 +9,11 @@ Differences from FedAvg, all in :meth:`ReBasinFedAvg.aggregate_train`:
 
 * every client model is permuted into the reference's basin before the weighted average;
 * unusable replies (error replies, no ArrayRecord, NaN/Inf, keys, shapes or dtypes that differ
-  from the global model, no positive ``num-examples``) are dropped with one warning each,
-  where FedAvg stops the ServerApp; with fewer than ``min_train_nodes`` valid replies the
-  previous global model is kept;
+  from the global model, a ``num-examples`` that is not a whole number in [1, 1e12], values
+  so large that matching would overflow or a norm above ``max_norm_ratio`` times the global
+  model's, a failed matching) are dropped with one warning each, where FedAvg stops the
+  ServerApp; with fewer than ``min_train_nodes`` valid replies, or a merged model that is
+  not finite, the previous global model is kept;
 * when matching finds the identity (for example identical client models) the result is
   exactly FedAvg's.
 
@@ -32,6 +34,7 @@ from torch import nn
 from rebasin.permute import Perms
 from rebasin.spec import PermutationSpec, StateDict
 from strategies.aggregate import (
+    DEFAULT_MAX_NORM_RATIO,
     ClientUpdate,
     NodeId,
     ReBasinOptions,
@@ -73,6 +76,9 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         Where matching runs; ``"cuda"`` when available, else ``"cpu"``, by default.
     example_input
         An input batch to help tracing ``model`` (only used when it is traced).
+    max_norm_ratio
+        A reply whose norm is more than this many times ``max(||global model||, 1)`` is
+        dropped (a finite but huge reply would overflow matching or poison the average).
 
     Attributes
     ----------
@@ -108,6 +114,7 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
         seed: int = 0,
         device: str | None = None,
         example_input: torch.Tensor | None = None,
+        max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -122,7 +129,11 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
             evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
         )
         self.options = ReBasinOptions(
-            reference=reference, max_iter=max_iter, seed=seed, device=device
+            reference=reference,
+            max_iter=max_iter,
+            seed=seed,
+            device=device,
+            max_norm_ratio=max_norm_ratio,
         )
         self.spec = resolve_spec(model, spec, example_input)
         self.warm_starts: dict[NodeId, Perms] = {}

@@ -63,6 +63,7 @@ class KebabConfig(BaseModel):
         strict=True,
         frozen=True,
         extra="ignore",
+        allow_inf_nan=False,  # width=inf would only fail later, naming no key
     )
 
     @classmethod
