@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -114,3 +115,47 @@ def validate_state_dict(
         if tensor.is_floating_point() and not is_finite(tensor):
             bad = int((~torch.isfinite(tensor)).sum())
             raise ValueError(f"{name}: {key!r} has {bad} non-finite values (NaN or Inf)")
+
+
+def model_norm(state_dict: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm over every floating-point entry, accumulated in float64 (never overflows)."""
+    squares = 0.0
+    for tensor in state_dict.values():
+        if tensor.is_floating_point():
+            squares += float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64)) ** 2
+    return math.sqrt(squares)
+
+
+def magnitude_problem(
+    state_dict: Mapping[str, torch.Tensor],
+    reference_norm: float,
+    max_norm_ratio: float,
+    reference: str = "the global model",
+) -> str | None:
+    """Why a finite model is too large to be matched or averaged, or ``None``.
+
+    Two bounds, either one refuses it:
+
+    * an entry whose square overflows the matching dtype (float32, float64 for float64
+      models): similarity products of such weights are Inf;
+    * a model norm above ``max_norm_ratio * max(reference_norm, 1)``: a model that large
+      would dominate the average (a federated round's reply would poison the next round's
+      global model); the floor of 1 keeps an all-zero reference from refusing everything.
+
+    ``reference`` names what ``reference_norm`` is the norm of, for the message.
+    """
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+        peak = float(tensor.detach().abs().max())
+        if peak > math.sqrt(torch.finfo(dtype).max):
+            return f"{key!r} holds a value of magnitude {peak:.3g}, whose square overflows {dtype}"
+    norm = model_norm(state_dict)
+    bound = max_norm_ratio * max(reference_norm, 1.0)
+    if norm > bound:
+        return (
+            f"its norm {norm:.3g} is more than max_norm_ratio = {max_norm_ratio:g} times "
+            f"{reference}'s norm {reference_norm:.3g} (at least 1 is used)"
+        )
+    return None

@@ -45,7 +45,7 @@ class ServerConfig(TrainingConfig):
         weight-matching sweeps.
     max_norm_ratio
         ReBasinFedAvg drops a reply whose norm is more than this many times
-        ``max(||global model||, 1)`` (see :func:`strategies.aggregate.magnitude_problem`).
+        ``max(||global model||, 1)`` (see :func:`rebasin.permute.magnitude_problem`).
     eval_on_server, server_eval_examples
         Evaluate the global model on the test set on the server before the first and after
         every round, on at most ``server-eval-examples`` examples (0: all).

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from rebasin.spec import PermutationSpec
 
 MERGED_FORMAT = "rebasin-fl-merged/1"
+DEFAULT_MAX_NORM_RATIO = 1e3  # as the strategies' max_norm_ratio
 METHODS: tuple[str, ...] = ("reference", "merge-many")
 MODELS: tuple[str, ...] = ("mlp", "vgg", "resnet20")
 DATASETS: tuple[str, ...] = ("mnist", "cifar10")
@@ -298,6 +299,28 @@ def merged_metadata(
     }
 
 
+def check_magnitudes(
+    files: Sequence[Path], models: Sequence[Mapping[str, torch.Tensor]], max_norm_ratio: float
+) -> None:
+    """Refuse, naming the file, an input too large to merge (see
+    :func:`rebasin.permute.magnitude_problem`), its norm measured against the inputs' median.
+
+    Raises
+    ------
+    MergeInputError
+        Naming the first such input and why.
+    """
+    import statistics
+
+    from rebasin.permute import magnitude_problem, model_norm
+
+    median = statistics.median(model_norm(m) for m in models)
+    for i, (path, model) in enumerate(zip(files, models)):
+        problem = magnitude_problem(model, median, max_norm_ratio, "the inputs' median")
+        if problem is not None:
+            raise MergeInputError(f"input {i} ({path}): {problem}")
+
+
 def write_merged(
     path: Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> None:
@@ -549,6 +572,13 @@ def merge_command(
         int, typer.Option(min=0, help="matching seed (input i: seed + i); BatchNorm sample")
     ] = 0,
     max_iter: MaxIterOption = 100,
+    max_norm_ratio: Annotated[
+        float,
+        typer.Option(
+            help="refuse an input whose norm is more than this many times the inputs' median "
+            "norm (a finite but huge input would overflow matching or swamp the average)"
+        ),
+    ] = DEFAULT_MAX_NORM_RATIO,
     max_rounds: Annotated[
         int, typer.Option(min=1, help="--method merge-many: most rounds over all inputs")
     ] = 20,
@@ -636,6 +666,10 @@ def merge_command(
         raise typer.BadParameter("no CUDA device here", param_hint="--device")
     if width is not None and not (width > 0 and math.isfinite(width)):
         raise typer.BadParameter(f"must be > 0, got {width:g}", param_hint="--width")
+    if not (max_norm_ratio > 0 and math.isfinite(max_norm_ratio)):
+        raise typer.BadParameter(
+            f"must be > 0 and finite, got {max_norm_ratio:g}", param_hint="--max-norm-ratio"
+        )
 
     # The architecture: the options given, the files' metadata for those left out.
     try:
@@ -689,6 +723,7 @@ def merge_command(
                 read_state_dict(path, template)
                 for path in _with_progress(progress, files, "reading inputs", len(files))
             ]
+            check_magnitudes(files, models, max_norm_ratio)
             models = [{k: v.to(device) for k, v in m.items()} for m in models]
             rounds = None
             if method == "reference":

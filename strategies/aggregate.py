@@ -7,7 +7,8 @@ into :class:`ClientUpdate` values and call :func:`rebasin_aggregate`, which
 1. drops every update that is unusable (the front end's own finding, a weight that is not a
    whole number of examples in ``[1, MAX_NUM_EXAMPLES]``, arrays that cannot be read, a state
    dict that differs from the global model in keys, shapes or dtypes, or holds NaN/Inf, or
-   one whose magnitude is far outside the global model's, see :func:`magnitude_problem`),
+   one whose magnitude is far outside the global model's, see
+   :func:`rebasin.permute.magnitude_problem`),
    with one warning naming the node;
 2. keeps the previous global model when fewer than ``min_valid`` updates remain (every
    update is still checked, so that each bad one is named);
@@ -43,7 +44,14 @@ from torch import nn
 
 from rebasin.matching import MatchingError, weight_matching
 from rebasin.merge import align_many, average
-from rebasin.permute import Perms, apply_permutation, is_finite, validate_state_dict
+from rebasin.permute import (
+    Perms,
+    apply_permutation,
+    is_finite,
+    magnitude_problem,
+    model_norm,
+    validate_state_dict,
+)
 from rebasin.spec import PermutationSpec, SpecError, StateDict, is_running_stat
 
 # A child of Flower's logger, so that these lines reach Flower's console handler (and
@@ -273,45 +281,6 @@ def weight_problem(value: object, key: str) -> str | None:
         return f"{key!r} must be a whole number of examples, got {value!r}"
     if number > MAX_NUM_EXAMPLES:
         return f"{key!r} = {value!r} is more than the {MAX_NUM_EXAMPLES:.0e} examples allowed"
-    return None
-
-
-def model_norm(state_dict: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm over every floating-point entry, accumulated in float64 (never overflows)."""
-    squares = 0.0
-    for tensor in state_dict.values():
-        if tensor.is_floating_point():
-            squares += float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64)) ** 2
-    return math.sqrt(squares)
-
-
-def magnitude_problem(
-    state_dict: Mapping[str, torch.Tensor], global_norm: float, max_norm_ratio: float
-) -> str | None:
-    """Why a finite client model is too large to be matched or averaged, or ``None``.
-
-    Two bounds, either one drops the reply:
-
-    * an entry whose square overflows the matching dtype (float32, float64 for float64
-      models): similarity products of such weights are Inf;
-    * a model norm above ``max_norm_ratio * max(global_norm, 1)``: a reply that large would
-      dominate the average and poison the next round's global model (the floor of 1 keeps
-      an all-zero global model from refusing every reply).
-    """
-    for key, tensor in state_dict.items():
-        if not tensor.is_floating_point() or tensor.numel() == 0:
-            continue
-        dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-        peak = float(tensor.detach().abs().max())
-        if peak > math.sqrt(torch.finfo(dtype).max):
-            return f"{key!r} holds a value of magnitude {peak:.3g}, whose square overflows {dtype}"
-    norm = model_norm(state_dict)
-    bound = max_norm_ratio * max(global_norm, 1.0)
-    if norm > bound:
-        return (
-            f"its norm {norm:.3g} is more than max_norm_ratio = {max_norm_ratio:g} times the "
-            f"global model's norm {global_norm:.3g} (max(norm, 1) is used)"
-        )
     return None
 
 

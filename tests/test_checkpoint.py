@@ -86,11 +86,13 @@ def test_foreign_safetensors_file_is_refused(tmp_path: Path, state_dict: dict) -
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     assert str(info.value) == (f"checkpoint {path} has format None, expected '{CHECKPOINT_FORMAT}'")
-    header = {"format": CHECKPOINT_FORMAT, "round": "x"}
-    save_file({"w": torch.zeros(2)}, str(path), metadata=header)
-    with pytest.raises(CheckpointError) as info:
-        load_checkpoint(path)
-    assert str(info.value) == f"checkpoint {path} has a bad round 'x'"
+    # Not integers, though some pass str.isdigit() ("²") or int() (" 3", "-1").
+    for bad in ("x", "1.5", "²", " 3", "-1", ""):
+        header = {"format": CHECKPOINT_FORMAT, "round": bad}
+        save_file({"w": torch.zeros(2)}, str(path), metadata=header)
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+        assert str(info.value) == f"checkpoint {path} has a bad round {bad!r}"
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path: Path, state_dict: dict) -> None:

@@ -338,6 +338,19 @@ def test_nan_is_named_with_file_and_key(tmp_path: Path) -> None:
         ),
         (["--width", "0"], "Invalid value for --width: must be > 0, got 0"),
         (
+            ["--weights", "1", "-2", "3"],
+            "Invalid value for --weights: weights must be > 0 and finite, got -2",
+        ),
+        (
+            ["--weights", "1", "inf", "3"],
+            "Invalid value for --weights: weights must be > 0 and finite, got inf",
+        ),
+        (["--max-iter", "0"], "Invalid value for '--max-iter': 0 is not in the range x>=1."),
+        (
+            ["--max-norm-ratio", "inf"],
+            "Invalid value for --max-norm-ratio: must be > 0 and finite, got inf",
+        ),
+        (
             ["--dataset", "cifar10", "--model", "vgg", "--norm", "layer", "--bn-data-dir", "."],
             "Invalid value for --bn-data-dir: model 'vgg' with --norm layer has no BatchNorm",
         ),
@@ -351,6 +364,60 @@ def test_bad_options_are_usage_errors_naming_the_option(
     code, output = _merge(*files, *MLP_ARGS, *extra, "--out", out)
     assert code == 2
     assert message in _flat(output)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["reference", "merge-many"])
+def test_weights_whose_sum_overflows_give_the_equal_weight_merge(
+    tmp_path: Path, method: str
+) -> None:
+    files = _clients(tmp_path)
+    outs = [tmp_path / "huge.safetensors", tmp_path / "equal.safetensors"]
+    for weights, out in ((["1e308"] * 3, outs[0]), (["1"] * 3, outs[1])):
+        code, output = _merge(*files, *MLP_ARGS, "--method", method, "--weights", *weights,
+                              "--out", out)  # fmt: skip
+        assert code == 0, output
+    huge, equal = load_file(str(outs[0])), load_file(str(outs[1]))
+    assert all(torch.equal(huge[k], equal[k]) for k in equal)
+    assert any(torch.count_nonzero(v) for v in huge.values())
+    assert "33.3%" in output
+
+
+@pytest.mark.parametrize(
+    ("huge", "message"),
+    [
+        (
+            lambda v: torch.full_like(v, 1e25),
+            "'head.bias' holds a value of magnitude 1e+25, whose square overflows torch.float32",
+        ),
+        (lambda v: v * 1e4, "is more than max_norm_ratio = 1000 times the inputs' median's norm"),
+    ],  # fmt: skip
+)
+def test_an_input_too_large_to_merge_is_named(tmp_path: Path, huge, message: str) -> None:
+    files = _clients(tmp_path)
+    _save({k: huge(v) for k, v in load_file(str(files[1])).items()}, files[1])
+    out = tmp_path / "m.safetensors"
+    code, output = _merge(*files, *MLP_ARGS, "--out", out)
+    assert code == 1
+    assert _flat(output).startswith(f"Error: input 1 ({files[1]}): ")
+    assert message in _flat(output)
+    assert not out.exists()
+
+
+def test_inputs_that_pass_a_relaxed_bound_but_overflow_matching_are_named(
+    tmp_path: Path,
+) -> None:
+    files = _clients(tmp_path)
+    for path in files[1:]:
+        _save({k: torch.full_like(v, 1.5e19) for k, v in load_file(str(path)).items()}, path)
+    out = tmp_path / "m.safetensors"
+    code, output = _merge(*files, *MLP_ARGS, "--reference", "1", "--max-norm-ratio", "1e30",
+                          "--out", out)  # fmt: skip
+    assert code == 1
+    assert _flat(output) == (
+        f"Error: input 2 ({files[2]}): weight matching failed: the matching objective is inf "
+        "(weights too large for torch.float32 products)"
+    )
     assert not out.exists()
 
 

@@ -12,6 +12,7 @@ from conftest import REPO_ROOT
 from client.config import NodeDataConfig
 from rebasin.models import MLP, VGG, ResNet20
 from rebasin.zoo import build_model, check_model_fits_dataset
+from server.app import build_strategy
 from server.config import ServerConfig, load_server_config
 from strategies.run_config import RunConfigError, TrainingConfig
 
@@ -116,6 +117,26 @@ def test_bad_run_config_values_are_named(run_config: dict, message: str) -> None
     with pytest.raises(RunConfigError) as info:
         load_server_config(run_config)
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "key", ["width", "learning-rate", "dirichlet-alpha", "max-norm-ratio", "round-timeout"]
+)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_run_config_floats_must_be_finite(key: str, value: float) -> None:
+    with pytest.raises(RunConfigError) as info:
+        load_server_config({key: value})
+    assert str(info.value) == (
+        f"invalid run-config: {key!r} = {value!r}: Input should be a finite number"
+    )
+
+
+def test_max_norm_ratio_reaches_the_strategy() -> None:
+    config = load_server_config({"max-norm-ratio": 50.0})
+    strategy = build_strategy(config, config.build_model())
+    assert strategy.options.max_norm_ratio == 50.0
+    default = load_server_config({})
+    assert build_strategy(default, default.build_model()).options.max_norm_ratio == 1000.0
 
 
 def test_several_problems_are_reported_together() -> None:

@@ -181,3 +181,50 @@ def test_keys_are_required_without_a_model() -> None:
     assert strategy.keys == KEYS and strategy.min_fit_clients == 3
     with pytest.raises(RuntimeError, match="configure_fit"):
         strategy.aggregate_fit(1, [], [])
+
+
+# --- hostile clients (see tests/test_hostile.py for the Message API) ------------------------
+
+
+def _scaled(state_dict: StateDict, factor: float) -> StateDict:
+    return {k: v * factor for k, v in state_dict.items()}
+
+
+@pytest.mark.parametrize("reference", ["global", "largest", "merge-many"])
+def test_huge_results_over_two_rounds_leave_fedavg_of_the_honest_clients(
+    reference: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Round 1: a 1e25 result (that, merged, would poison round 2); round 2: float32 max."""
+    global_sd = _sd(_mlp(1))
+    strategy = _strategy(global_sd, reference=reference, min_fit_clients=2)
+    oracle_params = _params(global_sd)
+    for server_round, value in ((1, 1e25), (2, float(np.finfo(np.float32).max))):
+        current = _tensors(strategy._global_parameters)
+        honest = [(1, 1.01, 50), (2, 0.98, 70)]
+        hostile = _result(9, _params({k: torch.full_like(v, value) for k, v in current.items()}))
+        results = [_result(n, _params(_scaled(current, f)), w) for n, f, w in honest]
+        with caplog.at_level(logging.INFO):
+            params, _ = strategy.aggregate_fit(server_round, [results[0], hostile, results[1]], [])
+        assert strategy.last_round.valid == ["1", "2"]
+        assert "whose square overflows torch.float32" in strategy.last_round.dropped["9"]
+        oracle = _tensors(oracle_params)
+        oracle_results = [_result(n, _params(_scaled(oracle, f)), w) for n, f, w in honest]
+        oracle_params, _ = FedAvg().aggregate_fit(server_round, oracle_results, [])
+        ours, theirs = _tensors(params), _tensors(oracle_params)
+        for key in KEYS:
+            if reference == "merge-many":  # MergeMany averages in float64
+                torch.testing.assert_close(ours[key], theirs[key], atol=1e-6, rtol=0)
+            else:
+                assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_absurd_num_examples_are_refused_by_the_legacy_adapter(caplog) -> None:
+    global_sd = _sd(_mlp(1))
+    strategy = _strategy(global_sd, min_fit_clients=2)
+    previous = strategy._global_parameters
+    results = [_result(n, _params(global_sd), 10**13) for n in (1, 2)]
+    with caplog.at_level(logging.INFO):
+        params, _ = strategy.aggregate_fit(1, results, [])
+    assert params is previous
+    problem = "'num_examples' = 10000000000000 is more than the 1e+12 examples allowed"
+    assert strategy.last_round.dropped == {"1": problem, "2": problem}
