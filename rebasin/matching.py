@@ -90,6 +90,7 @@ def weight_matching(
     init: Mapping[str, torch.Tensor] | None = None,
     max_iter: int = 100,
     device: torch.device | str | None = None,
+    check: bool = True,
 ) -> MatchResult:
     """Permute ``other``'s hidden units to match ``reference`` (Algorithm 1).
 
@@ -109,14 +110,37 @@ def weight_matching(
     device
         Where the similarity matrices are computed; by default the reference's device
         (CUDA when the weights live there).
+    check
+        Check that the spec fits and both models match it with finite values; ``False``
+        for callers that checked their inputs once already (:mod:`rebasin.align`).
 
     Returns
     -------
     MatchResult
         The permutations and the objective per sweep.
+
+    Raises
+    ------
+    MatchingError
+        If the objective or a similarity matrix is not finite.
     """
-    ctx = _MatchContext(spec, reference, other, init, max_iter, device)
+    ctx = _MatchContext(spec, reference, other, init, max_iter, device, check)
     return ctx.descend(seed, _CachedSimilarity(ctx))
+
+
+def matching_objective(
+    spec: PermutationSpec,
+    reference: Mapping[str, torch.Tensor],
+    other: Mapping[str, torch.Tensor],
+    perms: Mapping[str, torch.Tensor] | None = None,
+    *,
+    device: torch.device | str | None = None,
+    check: bool = True,
+) -> float:
+    """``sum_w <A_w, pi(B_w)>`` as weight matching computes it (identity if ``perms`` is
+    ``None``): the one definition of the objective, for callers that compare starts."""
+    ctx = _MatchContext(spec, reference, other, perms, 1, device, check)
+    return ctx.objective(ctx.perms)
 
 
 def reference_weight_matching(
@@ -128,9 +152,10 @@ def reference_weight_matching(
     init: Mapping[str, torch.Tensor] | None = None,
     max_iter: int = 100,
     device: torch.device | str | None = None,
+    check: bool = True,
 ) -> MatchResult:
     """The textbook matcher: rebuild every permuted weight at every step (baseline only)."""
-    ctx = _MatchContext(spec, reference, other, init, max_iter, device)
+    ctx = _MatchContext(spec, reference, other, init, max_iter, device, check)
     return ctx.descend(seed, _RebuiltSimilarity(ctx))
 
 
@@ -221,12 +246,14 @@ class _MatchContext:
         init: Mapping[str, torch.Tensor] | None,
         max_iter: int,
         device: torch.device | str | None,
+        check: bool = True,
     ) -> None:
         if max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-        spec.check(reference)
-        validate_state_dict(other, reference, name="model to align")
-        validate_state_dict(reference, reference, name="reference model")
+        if check:
+            spec.check(reference)
+            validate_state_dict(other, reference, name="model to align")
+            validate_state_dict(reference, reference, name="reference model")
         self.spec = spec
         self.max_iter = max_iter
         self.device = torch.device(device) if device is not None else _device_of(reference)

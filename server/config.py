@@ -15,7 +15,7 @@ from typing import Any, Literal, Self
 from pydantic import ConfigDict, Field, model_validator
 
 from rebasin.data import resolve_data_dir
-from strategies.aggregate import DEFAULT_MAX_NORM_RATIO
+from strategies.core import DEFAULT_MAX_NORM_RATIO
 from strategies.run_config import TrainingConfig
 
 StrategyName = Literal["rebasin", "fedavg"]

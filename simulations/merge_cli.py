@@ -348,7 +348,7 @@ def merge_reference(
     An input's seconds run from the end of the previous matching (or the start) to the end
     of its own: its matching, and the permuting and summing of the input before it.
     """
-    from rebasin.matching import MatchResult
+    from rebasin.align import Alignment
     from rebasin.merge import merge_to_reference
 
     task = None
@@ -357,11 +357,10 @@ def merge_reference(
     reports = [InputReport(None, None, None) for _ in models]
     last = time.perf_counter()
 
-    def matched(i: int, result: MatchResult) -> None:
+    def matched(i: int, alignment: Alignment) -> None:
         nonlocal last
         now = time.perf_counter()
-        gain = float(result.objective[-1] - result.objective[0])
-        reports[i] = InputReport(result.sweeps, gain, now - last)
+        reports[i] = InputReport(alignment.sweeps, float(alignment.objective_gain), now - last)
         last = now
         if progress is not None and task is not None:
             progress.advance(task)
@@ -383,7 +382,8 @@ def merge_many_models(
     progress: Progress | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[InputReport], int]:
     """:func:`rebasin.merge.merge_many` with per-input statistics and the rounds it ran."""
-    from rebasin.merge import align_many, average
+    from rebasin.align import align_many
+    from rebasin.merge import average
 
     task = None
     if progress is not None:

@@ -238,14 +238,10 @@ def _align_to(
     max_iter: int,
 ) -> list[StateDict]:
     """Every client aligned to client ``reference`` (as ``merge_to_reference`` does)."""
-    from rebasin.merge import align_to_reference
+    from rebasin.align import align_to_reference
 
-    return [
-        sd
-        if i == reference
-        else align_to_reference(spec, states[reference], sd, seed=seed + i, max_iter=max_iter)[0]
-        for i, sd in enumerate(states)
-    ]
+    stream = align_to_reference(spec, states, reference=reference, seed=seed, max_iter=max_iter)
+    return [item.state_dict for item in stream]
 
 
 def _interpolation(
@@ -258,10 +254,10 @@ def _interpolation(
     seed: int,
 ) -> dict:
     """Loss and accuracy along the path from client 0 to client 1, naive and re-basin."""
-    from rebasin.merge import align_to_reference
+    from rebasin.align import ReferenceAligner
 
     a, b = states[0], states[1]
-    b_aligned, _ = align_to_reference(spec, a, b, seed=seed, max_iter=cfg.max_iter)
+    b_aligned, _ = ReferenceAligner(spec, a, max_iter=cfg.max_iter).align(b, seed=seed)
     lambdas = np.linspace(0.0, 1.0, cfg.lambdas).tolist()
     test_loader = test_set.loader(cfg.batch_size)
 

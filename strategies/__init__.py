@@ -15,8 +15,8 @@ __all__ = ["ReBasinFedAvg", "ReBasinFedAvgLegacy", "ReBasinOptions", "RoundRepor
 _WHERE = {
     "ReBasinFedAvg": "strategies.rebasin_fedavg",
     "ReBasinFedAvgLegacy": "strategies.legacy",
-    "ReBasinOptions": "strategies.aggregate",
-    "RoundReport": "strategies.aggregate",
+    "ReBasinOptions": "strategies.core",
+    "RoundReport": "strategies.core",
 }
 
 

@@ -33,7 +33,8 @@ from torch import nn
 
 from rebasin.permute import Perms
 from rebasin.spec import PermutationSpec, StateDict
-from strategies.aggregate import (
+from strategies.aggregate import rebasin_aggregate
+from strategies.core import (
     DEFAULT_MAX_NORM_RATIO,
     ClientUpdate,
     NodeId,
@@ -43,7 +44,6 @@ from strategies.aggregate import (
     check_global_model,
     log_dropped,
     logger,
-    rebasin_aggregate,
     resolve_spec,
     weight_problem,
 )

@@ -239,8 +239,8 @@ def test_a_merged_model_that_is_not_finite_keeps_the_previous_one(
     previous = ArrayRecord(global_sd)
     result = aggregate_module._FedAvgSum.result
 
-    def overflowing(self, total: float) -> StateDict:
-        merged = result(self, total)
+    def overflowing(self) -> StateDict:
+        merged = result(self)
         merged["layers.1.bias"][0] = float("inf")
         return merged
 

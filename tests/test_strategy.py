@@ -39,7 +39,8 @@ from strategy_messages import (
 )
 from torch import nn
 
-from rebasin.merge import align_many, merge_many
+from rebasin.align import align_many
+from rebasin.merge import merge_many
 from rebasin.models import MLP, VGG
 from rebasin.permute import apply_permutation, random_perms
 from rebasin.spec import SpecError
