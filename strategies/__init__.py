@@ -1,19 +1,37 @@
 """Flower strategies that merge client models by Git Re-Basin weight matching.
 
-* :class:`ReBasinFedAvg` -- Message API (``flwr.serverapp.strategy.FedAvg``, Flower 1.42).
-* :class:`ReBasinFedAvgLegacy` -- legacy API (``flwr.server.strategy.FedAvg``).
+* :class:`ReBasin`, :func:`rebasin`, :func:`with_rebasin` -- re-basin in front of any
+  Message-API strategy (FedAdam, FedMedian, Krum, DP wrappers, a user's FedAvg subclass).
+* :class:`ReBasinFedAvg` -- the short form for FedAvg (``flwr.serverapp.strategy.FedAvg``).
+* :class:`ReBasinLegacy`, :func:`rebasin_legacy`, :class:`ReBasinFedAvgLegacy` -- the same
+  for the legacy API (``flwr.server.strategy``).
 
-Both share :func:`strategies.aggregate.rebasin_aggregate`. The classes are imported on first
-use: every ClientApp process imports this package (for the shared run-config) and should not
-pay for SciPy and the strategies it never runs.
+All of them run :class:`strategies.align_step.RoundAlignment`. The classes are imported on
+first use: every ClientApp process imports this package (for the shared run-config) and
+should not pay for SciPy and the strategies it never runs.
 """
 
 from importlib import import_module
 
-__all__ = ["ReBasinFedAvg", "ReBasinFedAvgLegacy", "ReBasinOptions", "RoundReport"]
+__all__ = [
+    "ReBasin",
+    "ReBasinFedAvg",
+    "ReBasinFedAvgLegacy",
+    "ReBasinLegacy",
+    "ReBasinOptions",
+    "RoundReport",
+    "rebasin",
+    "rebasin_legacy",
+    "with_rebasin",
+]
 
 _WHERE = {
+    "ReBasin": "strategies.wrapper",
+    "rebasin": "strategies.wrapper",
+    "with_rebasin": "strategies.wrapper",
     "ReBasinFedAvg": "strategies.rebasin_fedavg",
+    "ReBasinLegacy": "strategies.legacy",
+    "rebasin_legacy": "strategies.legacy",
     "ReBasinFedAvgLegacy": "strategies.legacy",
     "ReBasinOptions": "strategies.core",
     "RoundReport": "strategies.core",

@@ -17,6 +17,12 @@ Differences from FedAvg, all in :meth:`ReBasinFedAvg.aggregate_train`:
 * when matching finds the identity (for example identical client models) the result is
   exactly FedAvg's.
 
+It is :class:`strategies.wrapper.ReBasin` in front of FedAvg, with one difference: the
+aligned models are streamed into FedAvg's weighted sum one at a time
+(:func:`strategies.aggregate.rebasin_aggregate`) instead of being held until FedAvg's own
+``aggregate_train`` runs; the result is the same, bit for bit (tested), except for
+``"merge-many"``, whose mean is MergeMany's (in float64).
+
 :meth:`ReBasinFedAvg.aggregate_evaluate` drops unusable evaluation replies the same way.
 """
 
@@ -25,33 +31,25 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from rebasin.permute import Perms
-from rebasin.spec import PermutationSpec, StateDict
+from rebasin.spec import PermutationSpec
 from strategies.aggregate import rebasin_aggregate
 from strategies.core import (
     DEFAULT_MAX_NORM_RATIO,
-    ClientUpdate,
-    NodeId,
-    ReBasinOptions,
     Reference,
-    RoundReport,
-    check_global_model,
     log_dropped,
     logger,
-    resolve_spec,
-    weight_problem,
 )
+from strategies.wrapper import ReBasin
 
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
 
-class ReBasinFedAvg(FedAvg):
+class ReBasinFedAvg(ReBasin, FedAvg):
     """FedAvg that aligns client models by weight matching before averaging them.
 
     Parameters
@@ -127,78 +125,15 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
             configrecord_key=configrecord_key,
             train_metrics_aggr_fn=train_metrics_aggr_fn,
             evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
-        )
-        self.options = ReBasinOptions(
+            model=model,
+            spec=spec,
             reference=reference,
             max_iter=max_iter,
             seed=seed,
             device=device,
+            example_input=example_input,
             max_norm_ratio=max_norm_ratio,
         )
-        self.spec = resolve_spec(model, spec, example_input)
-        self.warm_starts: dict[NodeId, Perms] = {}
-        self.last_round: RoundReport | None = None
-        self._global_arrays: ArrayRecord | None = None
-        self._sent: list[Message] = []
-        self._global_model: StateDict | None = None
-
-    @property
-    def last_perms(self) -> dict[NodeId, Perms]:
-        """Node id -> permutations applied to its model in the last round."""
-        return self.last_round.perms if self.last_round else {}
-
-    @property
-    def last_objective_gains(self) -> dict[NodeId, float]:
-        """Node id -> objective gain of matching in the last round."""
-        return self.last_round.objective_gains if self.last_round else {}
-
-    def summary(self) -> None:
-        """Log FedAvg's summary, then the re-basin settings."""
-        super().summary()
-        logger.info(
-            "\t└──> Re-Basin: reference %s, max %d sweeps, seed %d, device %s, %d permutations",
-            self.options.reference,
-            self.options.max_iter,
-            self.options.seed,
-            self.options.torch_device,
-            len(self.spec.perm_names),
-        )
-
-    def set_global_arrays(self, arrays: ArrayRecord) -> None:
-        """Remember the global model that clients train from (done by ``configure_train``).
-
-        Raises
-        ------
-        rebasin.spec.SpecError
-            If the model does not fit the permutation spec.
-        ValueError
-            If it holds NaN or Inf.
-        """
-        if arrays is self._global_arrays:
-            return
-        state_dict = dict(arrays.to_torch_state_dict())
-        check_global_model(self.spec, state_dict)
-        self._global_arrays, self._global_model = arrays, state_dict
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """FedAvg's ``configure_train``, remembering ``arrays`` as this round's global model
-        and the messages sent (the grid stamps their ids when it sends them)."""
-        self.set_global_arrays(arrays)
-        self._sent = list(super().configure_train(server_round, arrays, config, grid))
-        return self._sent
-
-    def _node_of(self, msg: Message) -> int:
-        """The node a reply answers for. Error replies for a node that stopped sending
-        heartbeats come from the SuperLink itself, so match by ``reply_to_message_id``."""
-        for sent in self._sent:
-            if (
-                sent.metadata.message_id
-                and sent.metadata.message_id == msg.metadata.reply_to_message_id
-            ):
-                return sent.metadata.dst_node_id
-        return msg.metadata.src_node_id
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -212,18 +147,13 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
             ``min_train_nodes`` replies are valid; and FedAvg's aggregate of the valid
             replies' metrics.
         """
-        if self._global_model is None or self._global_arrays is None:
-            raise RuntimeError(
-                "aggregate_train needs the global model of the round: call configure_train "
-                "(as Strategy.start does) or set_global_arrays first"
-            )
+        global_model = self._round_global_model()
         replies = list(replies)
         logger.info("aggregate_train (round %d): %d replies", server_round, len(replies))
-        updates = [self._to_update(msg) for msg in replies]
         merged, report = rebasin_aggregate(
             self.spec,
-            self._global_model,
-            updates,
+            global_model,
+            [self._to_update(msg) for msg in replies],
             options=self.options,
             warm_starts=self.warm_starts,
             min_valid=self.min_train_nodes,
@@ -255,44 +185,6 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn
                 log_dropped(msg.metadata.src_node_id, f"evaluation reply: {problem}")
         logger.info("aggregate_evaluate (round %d): %d valid replies", server_round, len(valid))
         return self._aggregate_metrics(valid, self.evaluate_metrics_aggr_fn)
-
-    # --- Flower records -> the core's ClientUpdate -------------------------------------
-
-    def _to_update(self, msg: Message) -> ClientUpdate:
-        node_id = self._node_of(msg)
-        problem = self._metrics_problem(msg)
-        if problem is not None:
-            return ClientUpdate(node_id, problem=problem)
-        record, problem = self._array_record(msg.content)
-        if record is None:
-            return ClientUpdate(node_id, problem=problem)
-        weight = next(iter(msg.content.metric_records.values()))[self.weighted_by_key]
-        return ClientUpdate(node_id, weight=weight, load=record.to_torch_state_dict)
-
-    def _metrics_problem(self, msg: Message) -> str | None:
-        """Why a reply's metrics cannot weight it (FedAvg reads its first MetricRecord)."""
-        if msg.has_error():
-            return f"error reply (code {msg.error.code}): {msg.error.reason}"
-        if not msg.has_content():
-            return "empty reply"
-        metric_records = msg.content.metric_records
-        if not metric_records:
-            return f"no MetricRecord (it must hold {self.weighted_by_key!r})"
-        first = next(iter(metric_records.values()))
-        return weight_problem(first.get(self.weighted_by_key), self.weighted_by_key)
-
-    def _array_record(self, content: RecordDict) -> tuple[ArrayRecord | None, str]:
-        """The reply's model: the ArrayRecord under ``arrayrecord_key``, or its only one."""
-        records = content.array_records
-        if self.arrayrecord_key in records:
-            return records[self.arrayrecord_key], ""
-        if len(records) == 1:
-            return next(iter(records.values())), ""
-        if not records:
-            return None, "no ArrayRecord in the reply"
-        return None, (
-            f"{len(records)} ArrayRecords {sorted(records)} and none named {self.arrayrecord_key!r}"
-        )
 
     def _aggregate_metrics(
         self, replies: list[Message], aggregate: MetricsAggregation
