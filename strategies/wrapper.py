@@ -12,12 +12,17 @@ noise, a user's own hooks. Three ways in, one mechanism:
 * a user's own subclass, keeping its overrides (``start``, ``configure_train``, ...):
   ``class CustomFedAvg(ReBasin, FedAvg)``, constructed with ``model=Net()``.
 
-Order with Flower's DP wrappers: re-basin must come *before* the clipping, so that the
+Order with Flower's DP wrappers: re-basin goes *in front of* the clipping, so that the
 clipping bound holds for what is actually averaged: ``rebasin(DifferentialPrivacyServer
 SideFixedClipping)(FedAvg(), ..., model=Net())`` aligns, then clips the aligned updates. The
-other order, ``DifferentialPrivacyServerSideFixedClipping(rebasin(FedAvg)(...), ...)``,
-clips the client models as sent and permutes them afterwards: the permuted update can be
-longer than the clipping norm, so the noise no longer covers it.
+other order, ``DifferentialPrivacyServerSideFixedClipping(rebasin(FedAvg)(...), ...)``, is
+wrong: it clips the models as sent and aligns them afterwards. With the ``"largest"`` or
+``"merge-many"`` reference that moves the clipped models towards a client's basin, and
+their updates grow past the clipping norm, which the noise was sized for (tested). With
+``"global"`` the bound survives (permutations keep norms, and matching only raises
+``<global, pi(model)>``, so ``||pi(model) - global||`` only shrinks; BatchNorm running
+statistics are outside the matching objective and are the exception), but the clipping
+then acted on updates inflated by the permutation, not on what the client learnt.
 
 Strategies with server-side state (FedAvgM's momentum, FedAdam's moments) receive models
 aligned to the global model they sent, so their pseudo-gradient ``mean - global`` is taken
