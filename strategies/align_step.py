@@ -187,12 +187,16 @@ class RoundAlignment:
                 except MatchingError as exc:
                     self.report.drop(candidate.node_id, f"weight matching failed: {exc}")
                     continue
-            self.report.alignments[candidate.node_id] = alignment
-            _log_alignment(candidate.node_id, alignment)
-            yield AlignedUpdate(
-                candidate.node_id, candidate.weight, {k: v.cpu() for k, v in aligned.items()},
-                alignment,
-            )  # fmt: skip
+            yield self._aligned(candidate, aligned, alignment)
+
+    def _aligned(
+        self, candidate: _Candidate, aligned: Mapping[str, torch.Tensor], alignment: Alignment
+    ) -> AlignedUpdate:
+        """Record and log how ``candidate`` was aligned; its model as CPU tensors."""
+        self.report.alignments[candidate.node_id] = alignment
+        _log_alignment(candidate.node_id, alignment)
+        cpu = {k: v.cpu() for k, v in aligned.items()}
+        return AlignedUpdate(candidate.node_id, candidate.weight, cpu, alignment)
 
     def _merge_many(self) -> Iterator[AlignedUpdate]:
         """Reference ``merge-many``: every valid model in memory, aligned to each other; a
@@ -225,12 +229,7 @@ class RoundAlignment:
             time.perf_counter() - start,
         )
         for candidate, aligned, alignment in zip(kept, many.aligned, many.alignments):
-            self.report.alignments[candidate.node_id] = alignment
-            _log_alignment(candidate.node_id, alignment)
-            yield AlignedUpdate(
-                candidate.node_id, candidate.weight, {k: v.cpu() for k, v in aligned.items()},
-                alignment,
-            )  # fmt: skip
+            yield self._aligned(candidate, aligned, alignment)
 
 
 def _screen(

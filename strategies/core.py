@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -245,3 +245,35 @@ def weight_problem(value: object, key: str) -> str | None:
 def log_dropped(node_id: NodeId, problem: str) -> None:
     """The one warning line written for every reply that is not used."""
     logger.warning("Dropping the reply from node %s: %s", node_id, problem)
+
+
+def find_setting(strategy: object, name: str, default: Any) -> Any:
+    """``strategy``'s setting ``name``, or that of the strategy it wraps (Flower's DP wrappers
+    keep the inner strategy in ``.strategy``), else ``default``."""
+    while strategy is not None:
+        if name in vars(strategy):
+            return vars(strategy)[name]
+        strategy = vars(strategy).get("strategy")
+    return default
+
+
+_IN_FRONT: dict[tuple[type, type], type] = {}
+
+
+def in_front(mixin: type, strategy_class: type, base: type, name: str) -> type:
+    """The class ``mixin`` + ``strategy_class`` (a subclass of ``base``), made once."""
+    if not (isinstance(strategy_class, type) and issubclass(strategy_class, base)):
+        raise TypeError(f"takes a {base.__module__}.{base.__name__} class, got {strategy_class!r}")
+    if issubclass(strategy_class, mixin):
+        return strategy_class
+    key = (mixin, strategy_class)
+    if key not in _IN_FRONT:
+        _IN_FRONT[key] = type(
+            name,
+            (mixin, strategy_class),
+            {
+                "__module__": mixin.__module__,
+                "__doc__": f"{strategy_class.__name__} after re-basin.",
+            },
+        )
+    return _IN_FRONT[key]

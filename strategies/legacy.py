@@ -49,6 +49,8 @@ from strategies.core import (
     Reference,
     RoundReport,
     check_global_model,
+    find_setting,
+    in_front,
     log_dropped,
     logger,
     resolve_spec,
@@ -195,13 +197,7 @@ class ReBasinLegacy:
         return self._global_model
 
     def _setting(self, name: str, default: Any) -> Any:
-        """A setting of the strategy, or of the strategy it wraps (Flower's DP wrappers)."""
-        strategy: Any = self
-        while strategy is not None:
-            if name in vars(strategy):
-                return vars(strategy)[name]
-            strategy = vars(strategy).get("strategy")
-        return default
+        return find_setting(self, name, default)
 
     def _accept(self, failures: Failures) -> bool:
         """Log every failure; whether the round may go on (``accept_failures``)."""
@@ -279,23 +275,11 @@ class ReBasinFedAvgLegacy(ReBasinLegacy, FedAvg):
         return parameters, metrics
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def rebasin_legacy(strategy_class: type[Strategy]) -> type[Strategy]:
     """``strategy_class`` (a legacy ``flwr.server.strategy.Strategy``) with
     :class:`ReBasinLegacy` in front; made once per class."""
-    if not (isinstance(strategy_class, type) and issubclass(strategy_class, Strategy)):
-        raise TypeError(f"rebasin_legacy() takes a legacy Strategy class, got {strategy_class!r}")
-    if issubclass(strategy_class, ReBasinLegacy):
-        return strategy_class
-    if strategy_class not in _CLASSES:
-        _CLASSES[strategy_class] = type(
-            f"ReBasin{strategy_class.__name__}Legacy",
-            (ReBasinLegacy, strategy_class),
-            {"__module__": __name__, "__doc__": f"{strategy_class.__name__} after re-basin."},
-        )
-    return _CLASSES[strategy_class]
+    name = f"ReBasin{strategy_class.__name__}Legacy" if isinstance(strategy_class, type) else ""
+    return in_front(ReBasinLegacy, strategy_class, Strategy, name)
 
 
 def _status(res: FitRes) -> str:

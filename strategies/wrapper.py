@@ -55,6 +55,8 @@ from strategies.core import (
     Reference,
     RoundReport,
     check_global_model,
+    find_setting,
+    in_front,
     log_dropped,
     logger,
     resolve_spec,
@@ -250,13 +252,7 @@ class ReBasin:
         return self._global_model
 
     def _setting(self, name: str, default: Any) -> Any:
-        """A setting of the strategy, or of the strategy it wraps (Flower's DP wrappers)."""
-        strategy: Any = self
-        while strategy is not None:
-            if name in vars(strategy):
-                return vars(strategy)[name]
-            strategy = vars(strategy).get("strategy")
-        return default
+        return find_setting(self, name, default)
 
     @property
     def _weight_key(self) -> str:
@@ -311,23 +307,10 @@ class ReBasin:
         return None, f"{len(records)} ArrayRecords {sorted(records)} and none named {key!r}"
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def rebasin(strategy_class: type[Strategy]) -> type[Strategy]:
     """``strategy_class`` with :class:`ReBasin` in front: takes the class's own arguments and
     re-basin's keyword arguments (``model=``, ``reference=``, ...). Made once per class."""
-    if not (isinstance(strategy_class, type) and issubclass(strategy_class, Strategy)):
-        raise TypeError(f"rebasin() takes a Flower Strategy class, got {strategy_class!r}")
-    if issubclass(strategy_class, ReBasin):
-        return strategy_class
-    if strategy_class not in _CLASSES:
-        _CLASSES[strategy_class] = type(
-            f"ReBasin{strategy_class.__name__}",
-            (ReBasin, strategy_class),
-            {"__module__": __name__, "__doc__": f"{strategy_class.__name__} after re-basin."},
-        )
-    return _CLASSES[strategy_class]
+    return in_front(ReBasin, strategy_class, Strategy, f"ReBasin{strategy_class.__name__}")
 
 
 def with_rebasin(strategy: Strategy, **options: Any) -> Strategy:
