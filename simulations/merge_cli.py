@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Annotated
 import click
 import typer
 
+from rebasin.names import DATASET_NAMES, MODEL_NAMES, NORM_KINDS
 from simulations.settings import MaxIterOption, VerboseOption
 
 if TYPE_CHECKING:
@@ -43,9 +44,9 @@ if TYPE_CHECKING:
 MERGED_FORMAT = "rebasin-fl-merged/1"
 DEFAULT_MAX_NORM_RATIO = 1e3  # as the strategies' max_norm_ratio
 METHODS: tuple[str, ...] = ("reference", "merge-many")
-MODELS: tuple[str, ...] = ("mlp", "vgg", "resnet20")
-DATASETS: tuple[str, ...] = ("mnist", "cifar10")
-NORMS: tuple[str, ...] = ("batch", "layer", "none")
+MODELS: tuple[str, ...] = MODEL_NAMES
+DATASETS: tuple[str, ...] = DATASET_NAMES
+NORMS: tuple[str, ...] = NORM_KINDS
 DEFAULT_WIDTH = 1.0
 DEFAULT_NORM = "batch"
 ARCHITECTURE_FIELDS: tuple[str, ...] = ("model", "dataset", "width", "norm")
