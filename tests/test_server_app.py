@@ -33,6 +33,7 @@ from rebasin.train import train as train_model
 from server.app import METRICS_FILE, run_server, server_evaluation
 from server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from server.config import ServerConfig
+from server.identity import ModelIdentity
 from server.recalibration import batchnorm_layer_sizes, recalibrate_batchnorm
 from simulations.local_grid import FIRST_NODE_ID, LocalGrid, server_identity
 from strategies.bn_query import QUERY_MESSAGE_TYPE, stats_from_record, stats_to_record
@@ -164,9 +165,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
     other = ServerConfig.from_mapping({**QUICK, "width": 0.125}).build_model().state_dict()
-    path = save_checkpoint(
-        tmp_path, 1, other, {"model": "mlp", "width": "0.125", "norm": "batch", "dataset": "mnist"}
-    )
+    path = save_checkpoint(tmp_path, 1, other, ModelIdentity("mlp", "mnist", 0.125, "batch"))
     run_config, config = _config(tmp_path, **{"resume-from": str(path)})
     grid = GridWithDeadNodes(run_config)
     with pytest.raises(CheckpointError) as info:
@@ -180,7 +179,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
 def test_resume_refuses_a_finished_run(tmp_path: Path) -> None:
     run_config, config = _config(tmp_path)
     model = config.build_model()
-    identity = {"model": "mlp", "width": "0.0625", "norm": "batch", "dataset": "mnist"}
+    identity = ModelIdentity("mlp", "mnist", 0.0625, "batch")
     path = save_checkpoint(tmp_path, 2, model.state_dict(), identity)
     run_config, config = _config(tmp_path, **{"resume-from": str(path)})
     with pytest.raises(CheckpointError) as info:
