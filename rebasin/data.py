@@ -35,7 +35,6 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal, get_args
 
 import numpy as np
 import PIL
@@ -46,10 +45,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 
-logger = logging.getLogger(__name__)
+from rebasin.names import DATASET_NAMES, DatasetName
 
-DatasetName = Literal["mnist", "cifar10"]
-DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
+logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "REBASIN_DATA_DIR"
 CACHE_DIR_ENV = "REBASIN_CACHE_DIR"

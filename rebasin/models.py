@@ -8,15 +8,12 @@ space, i.e. ``GroupNorm(1, C)``, which is permutation-equivariant) or ``"none"``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import nn
 
+from rebasin.names import NORM_KINDS, NormKind
 from rebasin.spec import PermutationSpec, conv, linear, norm
-
-NormKind = Literal["batch", "layer", "none"]
-NORM_KINDS: tuple[str, ...] = ("batch", "layer", "none")
 
 
 def _scaled(channels: int, width: float) -> int:

@@ -8,15 +8,12 @@ The ServerApp, the ClientApp and the simulations all need "the model named ``mlp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-from rebasin.models import MLP, VGG, NormKind, ResNet20
-
-ModelName = Literal["mlp", "vgg", "resnet20"]
-MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
+from rebasin.models import MLP, VGG, ResNet20
+from rebasin.names import MODEL_NAMES, NormKind
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from rebasin.data import load_dataset
 from rebasin.train import evaluate as evaluate_model
 from server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from server.config import ServerConfig, load_server_config
+from server.identity import ModelIdentity
 from server.recalibration import recalibrate_batchnorm
 from server.rounds import ServerRounds
 from strategies import ReBasinFedAvg
@@ -44,14 +45,9 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, load_server_config(context.run_config))
 
 
-def model_identity(config: ServerConfig) -> dict[str, str]:
+def model_identity(config: ServerConfig) -> ModelIdentity:
     """What a checkpoint records about the architecture, and a resume must match."""
-    return {
-        "model": config.model,
-        "width": repr(config.width),
-        "norm": config.norm,
-        "dataset": config.dataset,
-    }
+    return ModelIdentity(config.model, config.dataset, config.width, config.norm)
 
 
 def build_strategy(config: ServerConfig, model: nn.Module) -> Strategy:
@@ -94,7 +90,7 @@ def resume(config: ServerConfig, model: nn.Module) -> int:
     if path is None:
         return 0
     checkpoint = load_checkpoint(
-        path, reference=model.state_dict(), expected_metadata=model_identity(config)
+        path, reference=model.state_dict(), identity=model_identity(config)
     )
     if checkpoint.round >= config.num_server_rounds:
         raise CheckpointError(

@@ -1,7 +1,7 @@
 """Global-model checkpoints: one safetensors file per round, validated when read back.
 
 A checkpoint is ``<dir>/round-<NNNN>.safetensors``: the global model's state dict and string
-metadata (``format``, ``round`` and what the caller adds, such as the model's name). Files are
+metadata (``format``, ``round`` and the model's :class:`server.identity.ModelIdentity`). Files are
 written atomically (a temporary file renamed into place), so a crash mid-write never leaves a
 truncated checkpoint under the final name. Reading never unpickles anything.
 """
@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from rebasin.permute import validate_state_dict
+from server.identity import IdentityError, ModelIdentity
 
 logger = logging.getLogger("flwr.rebasin." + __name__)
 
@@ -85,25 +86,20 @@ def save_checkpoint(
     directory: str | Path,
     server_round: int,
     state_dict: Mapping[str, torch.Tensor],
-    metadata: Mapping[str, str] | None = None,
+    identity: ModelIdentity | None = None,
 ) -> Path:
-    """Write ``state_dict`` as the checkpoint of ``server_round``; return its path.
+    """Write ``state_dict`` (of the model ``identity``) as the checkpoint of ``server_round``.
+
+    Returns the checkpoint's path.
 
     Raises
     ------
     CheckpointError
-        If ``server_round`` is negative, a value is not a tensor, or ``metadata`` tries to
-        set ``format``/``round`` or holds non-string values.
+        If ``server_round`` is negative or a value is not a tensor.
     """
     if server_round < 0:
         raise CheckpointError(f"server round must be >= 0, got {server_round}")
-    extra = dict(metadata or {})
-    reserved = sorted({"format", "round"} & set(extra))
-    if reserved:
-        raise CheckpointError(f"metadata keys {reserved} are set by save_checkpoint itself")
-    bad = sorted(k for k, v in extra.items() if not isinstance(v, str))
-    if bad:
-        raise CheckpointError(f"checkpoint metadata must be strings; not for keys {bad}")
+    extra = identity.to_metadata() if identity is not None else {}
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{key!r} is a {type(value).__name__}, not a tensor")
@@ -117,7 +113,7 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | Path,
     reference: Mapping[str, torch.Tensor] | None = None,
-    expected_metadata: Mapping[str, str] | None = None,
+    identity: ModelIdentity | None = None,
 ) -> Checkpoint:
     """Read and check a checkpoint written by :func:`save_checkpoint`.
 
@@ -128,15 +124,15 @@ def load_checkpoint(
     reference
         When given, the checkpoint must have exactly its keys, shapes and dtypes (a model's
         ``state_dict()``); floating-point values must be finite either way.
-    expected_metadata
-        When given, each of these metadata entries must be stored with the same value (for
-        example the model's name and width, so that a checkpoint of another run is refused).
+    identity
+        When given, the checkpoint must be of this model (so that a checkpoint of another
+        run is refused); widths are compared as numbers.
 
     Raises
     ------
     CheckpointError
         Naming the file and the problem: missing file, not a safetensors file (corrupt or
-        truncated), not a checkpoint of this format, a bad round, a metadata mismatch, or
+        truncated), not a checkpoint of this format, a bad round, a model identity mismatch, or
         tensors that do not fit ``reference`` or are not finite.
     """
     path = Path(path)
@@ -159,11 +155,15 @@ def load_checkpoint(
     # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
     if not re.fullmatch(r"[0-9]+", round_text):
         raise CheckpointError(f"checkpoint {path} has a bad round {round_text!r}")
-    for key, value in (expected_metadata or {}).items():
-        if metadata.get(key) != value:
+    if identity is not None:
+        try:
+            field = identity.difference(metadata, f"checkpoint {path}")
+        except IdentityError as exc:
+            raise CheckpointError(str(exc)) from None
+        if field is not None:
             raise CheckpointError(
-                f"checkpoint {path} was written for {key}={metadata.get(key)!r}, "
-                f"but this run has {key}={value!r}"
+                f"checkpoint {path} was written for {field}={metadata.get(field)!r}, "
+                f"but this run has {field}={identity.to_metadata()[field]!r}"
             )
     try:
         if reference is not None:

@@ -15,11 +15,11 @@ from typing import Any, Literal, Self
 from pydantic import ConfigDict, Field, model_validator
 
 from rebasin.data import resolve_data_dir
+from rebasin.names import ReferenceName
 from strategies.core import DEFAULT_MAX_NORM_RATIO
 from strategies.run_config import TrainingConfig
 
 StrategyName = Literal["rebasin", "fedavg"]
-ReferenceName = Literal["global", "largest", "merge-many"]
 
 
 class ServerConfig(TrainingConfig):

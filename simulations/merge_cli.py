@@ -12,482 +12,52 @@ The merge is :func:`rebasin.merge.merge_to_reference` (``--method reference``) o
 holds exactly what those functions return for the same inputs (tested); each input's sweeps
 and objective gain come from the matchings themselves.
 
-This module is imported when the CLI starts: torch, safetensors and the engine are imported
-inside the functions.
+This module holds the command; the inputs' identity is resolved by
+:func:`server.identity.resolve_identity`, files are read and written by
+:mod:`simulations.merge_io`, and the merging steps are :mod:`simulations.merge_run`. It is
+imported when the CLI starts: torch, safetensors and the engine are imported inside the
+functions.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import click
 import typer
 
+from rebasin.names import DATASET_NAMES, MODEL_NAMES, NORM_KINDS
+from server.identity import IdentityError, resolve_identity
+from simulations.merge_io import (
+    MergeInputError,
+    check_magnitudes,
+    merged_metadata,
+    read_metadata,
+    read_state_dict,
+    write_merged,
+)
+from simulations.merge_run import (
+    batchnorm_batches,
+    merge_many_models,
+    merge_reference,
+    print_summary,
+    recompute_batchnorm,
+    with_progress,
+)
 from simulations.settings import MaxIterOption, VerboseOption
 
-if TYPE_CHECKING:
-    import torch
-    from rich.console import Console
-    from rich.progress import Progress
-    from torch import nn
-
-    from rebasin.spec import PermutationSpec
-
-MERGED_FORMAT = "rebasin-fl-merged/1"
 DEFAULT_MAX_NORM_RATIO = 1e3  # as the strategies' max_norm_ratio
 METHODS: tuple[str, ...] = ("reference", "merge-many")
-MODELS: tuple[str, ...] = ("mlp", "vgg", "resnet20")
-DATASETS: tuple[str, ...] = ("mnist", "cifar10")
-NORMS: tuple[str, ...] = ("batch", "layer", "none")
-DEFAULT_WIDTH = 1.0
-DEFAULT_NORM = "batch"
-ARCHITECTURE_FIELDS: tuple[str, ...] = ("model", "dataset", "width", "norm")
-_CHOICES: dict[str, tuple[str, ...]] = {"model": MODELS, "dataset": DATASETS, "norm": NORMS}
 
 BATCHNORM_WARNING = (
     "Warning: the model has BatchNorm layers, and the merged running statistics are the "
     "weighted average of the aligned models' statistics, which do not fit the merged weights "
     "(variance collapse): recompute them before use, e.g. with --bn-data-dir."
 )
-
-
-class MergeInputError(ValueError):
-    """An input file is unreadable or does not fit the model; the message names the file."""
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """The inputs' model, and which of its fields came from the files' metadata.
-
-    Attributes
-    ----------
-    model, dataset
-        The zoo model and its data set; ``None`` when neither given nor in any metadata.
-    width, norm
-        Width multiplier and normalisation (given, from metadata, or the defaults).
-    from_metadata
-        The fields (of ``model``, ``dataset``, ``width``, ``norm``) taken from metadata.
-    """
-
-    model: str | None
-    dataset: str | None
-    width: float
-    norm: str
-    from_metadata: tuple[str, ...]
-
-    def describe(self) -> str:
-        """One line: the architecture, and which of it came from the files' metadata."""
-        text = f"{self.model} on {self.dataset}, width {self.width:g}, norm {self.norm}"
-        if set(self.from_metadata) == set(ARCHITECTURE_FIELDS):
-            return f"architecture from file metadata: {text}"
-        return f"architecture: {text} ({', '.join(self.from_metadata)} from file metadata)"
-
-
-@dataclass(frozen=True)
-class InputReport:
-    """What the merge did with one input: its matching statistics (``None``: not matched)."""
-
-    sweeps: int | None
-    objective_gain: float | None
-    seconds: float | None
-
-
-# --------------------------------------------------------------------------------------------
-# files
-
-
-def _unreadable(path: Path, exc: Exception) -> MergeInputError:
-    """The error for a file that safetensors cannot open or read, naming ``path``."""
-    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return MergeInputError(
-        f"{path}: not a readable safetensors file (corrupt or another format): {detail}"
-    )
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """The string metadata of safetensors file ``path`` (empty if it has none); no tensors.
-
-    Raises
-    ------
-    MergeInputError
-        Naming ``path``, as :func:`read_state_dict` does, if it is not a safetensors file.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise _unreadable(path, exc) from None
-
-
-def _stored_value(path: Path, field: str, text: str) -> str | float:
-    """Metadata ``field`` of ``path`` as the option would hold it: a float width, or a name.
-
-    Raises
-    ------
-    MergeInputError
-        Naming ``path`` and ``field``: a width that is not a number > 0, or a name that is
-        not one of the option's choices.
-    """
-    if field == "width":
-        try:
-            width = float(text)
-        except ValueError:
-            width = math.nan
-        if not (width > 0 and math.isfinite(width)):
-            raise MergeInputError(f"{path}: metadata width {text!r} is not a number > 0")
-        return width
-    if text not in _CHOICES[field]:
-        raise MergeInputError(
-            f"{path}: metadata {field} {text!r} is not one of {', '.join(_CHOICES[field])}"
-        )
-    return text
-
-
-def _shown(value: str | float) -> str:
-    """``value`` for a message: a width as short as it stays exact (``1``, ``0.125``)."""
-    if not isinstance(value, float):
-        return value
-    short = f"{value:g}"
-    return short if float(short) == value else repr(value)
-
-
-def resolve_architecture(
-    files: Sequence[Path],
-    metadata: Sequence[Mapping[str, str]],
-    *,
-    model: str | None,
-    dataset: str | None,
-    width: float | None,
-    norm: str | None,
-) -> Architecture:
-    """The architecture: the options given, and the inputs' metadata for those left out.
-
-    Parameters
-    ----------
-    files, metadata
-        The inputs and their safetensors metadata (:func:`read_metadata`), in the same order.
-    model, dataset, width, norm
-        The options; ``None`` for one not given.
-
-    Returns
-    -------
-    Architecture
-        A field not given is the value that the inputs carrying it store; with none carrying
-        it, ``model``/``dataset`` are ``None`` (the caller asks for the option) and
-        ``width``/``norm`` are 1.0 and ``batch``.
-
-    Raises
-    ------
-    MergeInputError
-        Two inputs storing different values for a field (naming both files and the field),
-        an input storing another value than the option given (naming the file, the field and
-        both values), or a stored value that is not valid (naming the file and the field).
-        Widths are compared as numbers.
-    """
-    given: dict[str, str | float | None] = {
-        "model": model, "dataset": dataset, "width": width, "norm": norm,
-    }  # fmt: skip
-    resolved: dict[str, str | float | None] = {}
-    from_metadata: list[str] = []
-    for field in ARCHITECTURE_FIELDS:
-        option = given[field]
-        first: tuple[str | float, Path] | None = None
-        for path, stored in zip(files, metadata):
-            if field not in stored:
-                continue
-            value = _stored_value(path, field, stored[field])
-            if option is not None and value != option:
-                raise MergeInputError(
-                    f"{path}: its metadata has {field} {_shown(value)}, "
-                    f"but --{field} is {_shown(option)}"
-                )
-            if first is None:
-                first = (value, path)
-            elif value != first[0]:
-                raise MergeInputError(
-                    f"inputs disagree on {field}: {first[1]} has {_shown(first[0])}, "
-                    f"{path} has {_shown(value)}"
-                )
-        if option is None and first is not None:
-            option = first[0]
-            from_metadata.append(field)
-        resolved[field] = option
-    width_value = resolved["width"]
-    norm_value = resolved["norm"]
-    return Architecture(
-        model=None if resolved["model"] is None else str(resolved["model"]),
-        dataset=None if resolved["dataset"] is None else str(resolved["dataset"]),
-        width=DEFAULT_WIDTH if width_value is None else float(width_value),
-        norm=DEFAULT_NORM if norm_value is None else str(norm_value),
-        from_metadata=tuple(from_metadata),
-    )
-
-
-def read_state_dict(path: Path, reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors of safetensors file ``path``, checked against ``reference``.
-
-    Never unpickles: safetensors stores raw tensors and a JSON header only.
-
-    Raises
-    ------
-    MergeInputError
-        Naming ``path``: not a safetensors file (corrupt, truncated, another format), or
-        keys, shapes or dtypes that differ from ``reference``'s, or NaN/Inf values (naming
-        the key).
-    """
-    from safetensors import SafetensorError, safe_open
-
-    from rebasin.permute import validate_state_dict
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise _unreadable(path, exc) from None
-    try:
-        validate_state_dict(state_dict, reference, name=str(path))
-    except ValueError as exc:
-        raise MergeInputError(str(exc)) from None
-    return state_dict
-
-
-def merged_metadata(
-    *,
-    method: str,
-    model: str,
-    dataset: str,
-    width: float,
-    norm: str,
-    files: Sequence[Path],
-    weights: Sequence[float],
-    reference: int | None,
-    seed: int,
-    max_iter: int,
-    max_rounds: int | None,
-    batchnorm: str,
-    command: str,
-) -> dict[str, str]:
-    """The string metadata stored with a merged model (safetensors keeps strings only).
-
-    ``model``/``dataset``/``width``/``norm`` are written as the ServerApp's checkpoints write
-    them (``width`` as ``repr(float)``), lists as JSON.
-    """
-    return {
-        "format": MERGED_FORMAT,
-        "method": method,
-        "model": model,
-        "dataset": dataset,
-        "width": repr(float(width)),
-        "norm": norm,
-        "inputs": json.dumps([str(f) for f in files]),
-        "weights": json.dumps([float(w) for w in weights]),
-        "reference": "" if reference is None else str(reference),
-        "seed": str(seed),
-        "max_iter": str(max_iter),
-        "max_rounds": "" if max_rounds is None else str(max_rounds),
-        "batchnorm": batchnorm,
-        "command": command,
-    }
-
-
-def check_magnitudes(
-    files: Sequence[Path], models: Sequence[Mapping[str, torch.Tensor]], max_norm_ratio: float
-) -> None:
-    """Refuse, naming the file, an input too large to merge (see
-    :func:`rebasin.permute.magnitude_problem`), its norm measured against the inputs' median.
-
-    Raises
-    ------
-    MergeInputError
-        Naming the first such input and why.
-    """
-    import statistics
-
-    from rebasin.permute import magnitude_problem, model_norm
-
-    median = statistics.median(model_norm(m) for m in models)
-    for i, (path, model) in enumerate(zip(files, models)):
-        problem = magnitude_problem(model, median, max_norm_ratio, "the inputs' median")
-        if problem is not None:
-            raise MergeInputError(f"input {i} ({path}): {problem}")
-
-
-def write_merged(
-    path: Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
-) -> None:
-    """Write ``state_dict`` and ``metadata`` to ``path`` atomically (temporary file, rename)."""
-    from server.checkpoint import write_safetensors
-
-    write_safetensors(path, state_dict, metadata)
-
-
-# --------------------------------------------------------------------------------------------
-# merging
-
-
-def merge_reference(
-    spec: PermutationSpec,
-    models: Sequence[Mapping[str, torch.Tensor]],
-    weights: Sequence[float],
-    reference: int,
-    seed: int,
-    max_iter: int,
-    progress: Progress | None = None,
-) -> tuple[dict[str, torch.Tensor], list[InputReport]]:
-    """:func:`rebasin.merge.merge_to_reference`, with per-input statistics and progress.
-
-    An input's seconds run from the end of the previous matching (or the start) to the end
-    of its own: its matching, and the permuting and summing of the input before it.
-    """
-    from rebasin.align import Alignment
-    from rebasin.merge import merge_to_reference
-
-    task = None
-    if progress is not None:
-        task = progress.add_task(f"aligning to input {reference}", total=len(models) - 1)
-    reports = [InputReport(None, None, None) for _ in models]
-    last = time.perf_counter()
-
-    def matched(i: int, alignment: Alignment) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        reports[i] = InputReport(alignment.sweeps, float(alignment.objective_gain), now - last)
-        last = now
-        if progress is not None and task is not None:
-            progress.advance(task)
-
-    merged = merge_to_reference(
-        spec, models, weights, reference=reference, seed=seed, max_iter=max_iter,
-        on_match=matched,
-    )  # fmt: skip
-    return merged, reports
-
-
-def merge_many_models(
-    spec: PermutationSpec,
-    models: Sequence[Mapping[str, torch.Tensor]],
-    weights: Sequence[float],
-    seed: int,
-    max_iter: int,
-    max_rounds: int,
-    progress: Progress | None = None,
-) -> tuple[dict[str, torch.Tensor], list[InputReport], int]:
-    """:func:`rebasin.merge.merge_many` with per-input statistics and the rounds it ran."""
-    from rebasin.align import align_many
-    from rebasin.merge import average
-
-    task = None
-    if progress is not None:
-        task = progress.add_task(f"MergeMany over {len(models)} models", total=1)
-    many = align_many(spec, models, weights, seed=seed, max_rounds=max_rounds, max_iter=max_iter)
-    if progress is not None and task is not None:
-        progress.advance(task)
-    reports = [
-        InputReport(s, float(g), t)
-        for s, g, t in zip(many.sweeps, many.objective_gains, many.seconds)
-    ]
-    return average(many.aligned, weights), reports, many.rounds
-
-
-def batchnorm_batches(
-    dataset: str,
-    data_dir: Path,
-    examples: int,
-    batch_size: int,
-    seed: int,
-) -> list[torch.Tensor]:
-    """Input batches for recomputing BatchNorm statistics: ``examples`` training images.
-
-    The first ``ceil(examples / classes)`` training examples of each class (class-balanced,
-    and only those are decoded and normalised), of which ``examples`` are drawn in a seeded
-    random order and cut into batches of ``batch_size``.
-    """
-    import torch
-
-    from rebasin.data import load_dataset
-    from rebasin.zoo import dataset_geometry
-
-    per_class = math.ceil(examples / dataset_geometry(dataset).num_classes)
-    data = load_dataset(dataset, train=True, data_dir=data_dir, limit_per_class=per_class)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data), generator=generator)[:examples]
-    images = data.images[order]
-    return list(images.split(batch_size))
-
-
-def recompute_batchnorm(
-    model: nn.Module, batches: Sequence[torch.Tensor], progress: Progress | None = None
-) -> None:
-    """Recompute ``model``'s BatchNorm running statistics on ``batches`` (RESET, in place)."""
-    from rebasin.norm import reset_batchnorm_stats
-
-    def counted() -> Iterator[torch.Tensor]:
-        task = None
-        if progress is not None:
-            task = progress.add_task("BatchNorm statistics", total=len(batches))
-        for batch in batches:
-            yield batch
-            if progress is not None and task is not None:
-                progress.advance(task)
-
-    reset_batchnorm_stats(model, counted())
-
-
-def print_summary(
-    console: Console,
-    files: Sequence[Path],
-    weights: Sequence[float],
-    reports: Sequence[InputReport],
-    title: str,
-) -> None:
-    """A table: per input its weight, share of the total, matching sweeps, gain and time."""
-    from rich.table import Table
-
-    largest = max(weights)
-    total = sum(w / largest for w in weights)  # relative: 1e308 twice must not overflow
-    table = Table(title=title)
-    table.add_column("#", justify="right")
-    table.add_column("file", overflow="fold")
-    table.add_column("weight", justify="right")
-    table.add_column("share", justify="right")
-    table.add_column("sweeps", justify="right")
-    table.add_column("objective gain", justify="right")
-    table.add_column("s", justify="right")
-    for i, (path, weight, report) in enumerate(zip(files, weights, reports)):
-        table.add_row(
-            str(i),
-            str(path),
-            f"{weight:g}",
-            f"{100 * weight / largest / total:.1f}%",
-            "reference" if report.sweeps is None else str(report.sweeps),
-            "-" if report.objective_gain is None else f"{report.objective_gain:.6g}",
-            "-" if report.seconds is None else f"{report.seconds:.2f}",
-        )
-    console.print(table)
-
-
-def _with_progress(
-    progress: Progress | None, items: Iterable[Path], description: str, total: int
-) -> Iterator[Path]:
-    """``items`` unchanged, advancing a ``progress`` task of ``total`` steps after each."""
-    task = progress.add_task(description, total=total) if progress is not None else None
-    for item in items:
-        yield item
-        if progress is not None and task is not None:
-            progress.advance(task)
-
-
-# --------------------------------------------------------------------------------------------
-# the command
 
 
 def register(app: typer.Typer) -> None:
@@ -517,7 +87,7 @@ def merge_command(
     model: Annotated[
         str | None,
         typer.Option(
-            click_type=click.Choice(list(MODELS)),
+            click_type=click.Choice(list(MODEL_NAMES)),
             help="the inputs' architecture, vgg and resnet20 on cifar10 only (default: the "
             "inputs' metadata)",
             show_default=False,
@@ -526,7 +96,7 @@ def merge_command(
     dataset: Annotated[
         str | None,
         typer.Option(
-            click_type=click.Choice(list(DATASETS)),
+            click_type=click.Choice(list(DATASET_NAMES)),
             help="(default: the inputs' metadata)",
             show_default=False,
         ),
@@ -542,7 +112,7 @@ def merge_command(
     norm: Annotated[
         str | None,
         typer.Option(
-            click_type=click.Choice(list(NORMS)),
+            click_type=click.Choice(list(NORM_KINDS)),
             help="vgg/resnet20 normalisation, ignored by mlp (default: the inputs' "
             "metadata, else batch)",
             show_default=False,
@@ -632,7 +202,6 @@ def merge_command(
 
     from rebasin.matching import MatchingError
     from rebasin.norm import has_batchnorm
-    from rebasin.zoo import build_model
     from simulations.cli import command_line, fail, progress_bars, setup_logging
 
     # Option checks first, as usage errors naming the option (exit code 2).
@@ -673,7 +242,7 @@ def merge_command(
 
     # The architecture: the options given, the files' metadata for those left out.
     try:
-        architecture = resolve_architecture(
+        architecture = resolve_identity(
             files,
             [read_metadata(path) for path in files],
             model=model,
@@ -681,7 +250,7 @@ def merge_command(
             width=width,
             norm=norm,
         )
-    except MergeInputError as exc:
+    except (MergeInputError, IdentityError) as exc:
         raise fail(str(exc), code=1) from None
     for option, value in (("--model", architecture.model), ("--dataset", architecture.dataset)):
         if value is None:
@@ -690,10 +259,10 @@ def merge_command(
                 param_hint=f"'{option}'",
                 param_type="option",
             )
-    model, dataset = str(architecture.model), str(architecture.dataset)
-    width, norm = architecture.width, architecture.norm
+    identity = architecture.identity()
+    model, dataset, norm = identity.model, identity.dataset, identity.norm
     try:
-        net = build_model(model, dataset, width=width, norm=norm)  # type: ignore[arg-type]
+        net = identity.build_model()
     except ValueError as exc:  # a conv model on MNIST's 1 x 28 x 28 images
         if {"model", "dataset"} & set(architecture.from_metadata):
             raise fail(f"the inputs' metadata: {exc}", code=1) from None
@@ -721,7 +290,7 @@ def merge_command(
         with progress if progress is not None else contextlib.nullcontext():
             models = [
                 read_state_dict(path, template)
-                for path in _with_progress(progress, files, "reading inputs", len(files))
+                for path in with_progress(progress, files, "reading inputs", len(files))
             ]
             check_magnitudes(files, models, max_norm_ratio)
             models = [{k: v.to(device) for k, v in m.items()} for m in models]
@@ -761,10 +330,7 @@ def merge_command(
 
     metadata = merged_metadata(
         method=method,
-        model=model,
-        dataset=dataset,
-        width=width,
-        norm=norm,
+        identity=identity,
         files=files,
         weights=weights,
         reference=ref_index if method == "reference" else None,

@@ -22,7 +22,6 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
 
 from flwr.app import Message
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -32,16 +31,14 @@ from client.app import app as client_app
 from client.config import NodeDataConfig
 from client.data import local_data
 from rebasin.data import DATA_DIR_ENV, load_dataset, resolve_data_dir
+from rebasin.names import ReferenceName
 from rebasin.zoo import build_model
 from server.app import run_server
-from server.config import ServerConfig
+from server.config import ServerConfig, StrategyName
 from simulations.local_grid import LocalGrid, server_identity
 from simulations.oneshot import OneShotConfig, model_metrics
 
 logger = logging.getLogger(__name__)
-
-StrategyName = Literal["fedavg", "rebasin"]
-ReferenceName = Literal["global", "largest", "merge-many"]
 
 # The run-config's partitioning name for each one-shot partition.
 _PARTITIONING = {"region": "region", "dirichlet": "dirichlet", "pathological": "pathological"}

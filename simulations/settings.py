@@ -14,8 +14,12 @@ from typing import Annotated
 
 import typer
 
-DatasetOption = Annotated[str, typer.Option(help="mnist or cifar10")]
-NormOption = Annotated[str, typer.Option(help="vgg/resnet20 normalisation: batch, layer, none")]
+from rebasin.names import DATASET_NAMES, NORM_KINDS
+
+DatasetOption = Annotated[str, typer.Option(help=" or ".join(DATASET_NAMES))]
+NormOption = Annotated[
+    str, typer.Option(help=f"vgg/resnet20 normalisation: {', '.join(NORM_KINDS)}")
+]
 LearningRateOption = Annotated[float, typer.Option(help="learning rate")]
 OptimizerOption = Annotated[str, typer.Option(help="sgd (momentum, cosine) or adam")]
 BatchSizeOption = Annotated[int, typer.Option(help="batch size")]

@@ -25,11 +25,12 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
 import typer
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rebasin.names import DatasetName, ModelName, NormKind
 from simulations.settings import (
     BatchSizeOption,
     DataDirOption,
@@ -51,8 +52,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 StudyName = Literal["progress", "width", "architecture"]
-ModelName = Literal["mlp", "vgg", "resnet20"]
-STUDY_NAMES: tuple[str, ...] = ("progress", "width", "architecture")
+STUDY_NAMES: tuple[str, ...] = get_args(StudyName)
 # Conv models need 3 x 32 x 32 images (rebasin.zoo); the MLP takes any dataset.
 _IMAGE_MODELS = ("vgg", "resnet20")
 
@@ -92,9 +92,9 @@ class StudyConfig(BaseModel):
 
     studies: tuple[StudyName, ...] = Field(("progress", "width"), min_length=1)
     seeds: tuple[int, ...] = Field((0, 1), min_length=1)
-    dataset: Literal["mnist", "cifar10"] = "mnist"
+    dataset: DatasetName = "mnist"
     model: ModelName = "mlp"
-    norm: Literal["batch", "layer", "none"] = "batch"
+    norm: NormKind = "batch"
     width: float = Field(1.0, gt=0)
     checkpoints: tuple[float, ...] | None = None
     widths: tuple[float, ...] = Field((0.0625, 0.25, 1.0, 4.0), min_length=1)

@@ -14,13 +14,14 @@ import math
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from rebasin.align import Alignment
+from rebasin.names import ReferenceName
 from rebasin.permute import Perms, validate_state_dict
 from rebasin.spec import PermutationSpec, SpecError
 
@@ -28,8 +29,8 @@ from rebasin.spec import PermutationSpec, SpecError
 # `flwr log`) in the same format as FedAvg's own; records still propagate to the root logger.
 logger = logging.getLogger("flwr.rebasin")
 
-Reference = Literal["global", "largest", "merge-many"]
-REFERENCES: tuple[str, ...] = ("global", "largest", "merge-many")
+# The reference names are declared once, in the engine.
+Reference = ReferenceName
 NodeId = Hashable
 
 # More examples than any client holds: a larger count is a bug or an attack, and counts up

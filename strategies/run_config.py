@@ -19,10 +19,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from rebasin.models import NormKind
-from rebasin.zoo import ModelName, build_model, check_model_fits_dataset
+from rebasin.names import DatasetName, ModelName, NormKind
+from rebasin.zoo import build_model, check_model_fits_dataset
 
-DatasetName = Literal["mnist", "cifar10"]
 Partitioning = Literal["iid", "dirichlet", "pathological", "region"]
 OptimizerName = Literal["sgd", "adam"]
 DeviceName = Literal["auto", "cpu", "cuda"]

@@ -1,8 +1,8 @@
 """Run the services of the Docker Compose files as local processes on 127.0.0.1 (tests only).
 
-The compose files are the one description of the deployment; the tests run exactly their
-commands, without Docker. :func:`plan_services` turns each service into a
-:class:`ServiceProcess`:
+The compose files (read by tests/compose_files.py) are the one description of the
+deployment; the tests run exactly their commands, without Docker. :func:`plan_services`
+turns each service into a :class:`ServiceProcess`:
 
 * the program is the entrypoint that docker/Dockerfile gives the service's build target;
 * in addresses, a service name, ``0.0.0.0`` and ``127.0.0.1`` become ``127.0.0.1`` and
@@ -17,146 +17,35 @@ commands, without Docker. :func:`plan_services` turns each service into a
   executor, so they are translated in that executor's file system;
 * ``flwr-healthcheck`` in a health check is docker/healthcheck.py run by this Python.
 
-:func:`merge_compose` applies an override file the way Compose does for the keys these files
-use. :func:`running` starts the services in dependency order, waiting for a service's health
-check before starting what depends on it (``condition: service_healthy``), and stops every
-process, with its descendants, when it exits.
+tests/compose_running.py starts them.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
-import copy
-import functools
-import importlib.util
-import io
 import json
 import re
-import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
-from flower_processes import Started, free_port, start
+from compose_files import (
+    DOCKERFILE,
+    REPO_ROOT,
+    ComposeError,
+    clientapp_executor_of,
+    dockerfile_stages,
+    interpolate,
+)
+from flower_processes import free_port
 from flwr.common.config import parse_config_args
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 HEALTHCHECK_SCRIPT = REPO_ROOT / "docker" / "healthcheck.py"
 LOCAL_HOSTS = {"0.0.0.0", "127.0.0.1", "localhost"}
-# Keys whose value an override replaces as a whole (Compose merges other mappings key by key
-# and other sequences entry by entry).
-REPLACED_KEYS = {"command", "entrypoint", "test"}
 ADDRESS = re.compile(
     r"^(?P<scheme>[a-z]+://)?(?P<host>[A-Za-z0-9_.-]+):(?P<port>\d{1,5})(?P<path>/\S*)?$"
 )
-VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
-
-
-class ComposeError(ValueError):
-    """A compose file uses something these tests cannot translate, or is inconsistent."""
-
-
-# --- reading ----------------------------------------------------------------------------
-
-
-def load_compose(*files: Path) -> dict[str, Any]:
-    """The compose files, each merged over the previous (``docker compose -f a -f b``)."""
-    merged: dict[str, Any] = {}
-    for path in files:
-        document = yaml.safe_load(path.read_text())
-        if not isinstance(document, dict):
-            raise ComposeError(f"{path} is not a YAML mapping")
-        merged = merge_compose(merged, document)
-    return merged
-
-
-def _entry_key(entry: Any) -> Any:
-    """What identifies a sequence entry when merging: a mount's or secret's target."""
-    if isinstance(entry, dict):
-        return entry.get("target", json.dumps(entry, sort_keys=True))
-    if isinstance(entry, str) and ":" in entry:
-        return VARIABLE.sub("_", entry).split(":")[1]  # "source:target[:mode]"
-    return entry
-
-
-def merge_compose(base: Any, override: Any, key: str | None = None) -> Any:
-    """``override`` merged into ``base`` by Compose's rules for the keys these files use.
-
-    Mappings merge key by key; ``command``, ``entrypoint`` and a health check's ``test`` are
-    replaced; other sequences (``volumes``, ``secrets``, ``ports``) keep the base entries
-    whose target the override does not name and add the override's.
-    """
-    if isinstance(base, dict) and isinstance(override, dict):
-        merged = copy.deepcopy(base)
-        for name, value in override.items():
-            merged[name] = merge_compose(base[name], value, name) if name in base else value
-        return copy.deepcopy(merged)
-    if isinstance(base, list) and isinstance(override, list) and key not in REPLACED_KEYS:
-        replaced = {_entry_key(entry) for entry in override}
-        kept = [entry for entry in base if _entry_key(entry) not in replaced]
-        return copy.deepcopy(kept + override)
-    return copy.deepcopy(override)
-
-
-def interpolate(text: str, variables: Mapping[str, str]) -> str:
-    """``${NAME}`` and ``${NAME:-default}`` replaced from ``variables`` (Compose's syntax)."""
-
-    def value(match: re.Match[str]) -> str:
-        name, default = match["name"], match["default"]
-        if name in variables and variables[name] != "":
-            return variables[name]
-        if default is None:
-            raise ComposeError(f"variable {name} is not set and has no default in {text!r}")
-        return default
-
-    return VARIABLE.sub(value, text)
-
-
-def dockerfile_stages(path: Path = DOCKERFILE) -> dict[str, dict[str, str]]:
-    """Each build target of the Dockerfile: its base image (``from``) and ``entrypoint``."""
-    stages: dict[str, dict[str, str]] = {}
-    current: dict[str, str] | None = None
-    for line in path.read_text().splitlines():
-        if match := re.match(r"^FROM\s+(\S+)\s+AS\s+(\S+)\s*$", line, re.IGNORECASE):
-            current = stages.setdefault(match[2], {"from": match[1]})
-        elif (match := re.match(r"^ENTRYPOINT\s+(\[.*\])\s*$", line)) and current is not None:
-            program = json.loads(match[1])
-            if len(program) != 1:
-                raise ComposeError(f"{path}: entrypoint {program} is not one program")
-            current["entrypoint"] = program[0]
-    return stages
-
-
-def _command_option(command: list[str], option: str) -> str | None:
-    """The value after ``option`` in ``command`` (``None`` if absent)."""
-    if option not in command:
-        return None
-    index = command.index(option)
-    if index + 1 >= len(command):
-        raise ComposeError(f"{option} has no value in {command}")
-    return command[index + 1]
-
-
-def clientapp_executor_of(services: Mapping[str, Any], supernode: str) -> str:
-    """The service whose ``--runtime-api-address`` is ``supernode``'s (runs its ClientApps)."""
-    found = [
-        name
-        for name, service in services.items()
-        if (address := _command_option(list(service.get("command", [])), "--runtime-api-address"))
-        and address.split(":")[0] == supernode
-    ]
-    if len(found) != 1:
-        raise ComposeError(f"{supernode} needs exactly one ClientApp executor, found {found}")
-    return found[0]
-
-
-# --- translation ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -436,109 +325,3 @@ def plan_services(translation: LocalTranslation, create: bool = True) -> list[Se
     for name in planned:
         visit(name, ())
     return [planned[name] for name in order]
-
-
-# --- running ----------------------------------------------------------------------------
-
-
-@functools.cache
-def _healthcheck_module() -> Any:
-    spec = importlib.util.spec_from_file_location("flwr_healthcheck", HEALTHCHECK_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def healthy(service: ServiceProcess, in_process: bool = True) -> bool:
-    """Whether ``service``'s health check passes now.
-
-    ``in_process`` calls docker/healthcheck.py's ``main`` here instead of starting a Python
-    for each check (the same code; polling every second would otherwise cost CPU time).
-    """
-    if service.healthcheck is None:
-        return True
-    if in_process and service.healthcheck[:2] == (sys.executable, str(HEALTHCHECK_SCRIPT)):
-        with contextlib.redirect_stderr(io.StringIO()):
-            return _healthcheck_module().main(list(service.healthcheck[2:])) == 0
-    result = subprocess.run(service.healthcheck, capture_output=True, timeout=15, check=False)
-    return result.returncode == 0
-
-
-def wait_healthy(
-    service: ServiceProcess, process: Started, timeout: float, interval: float = 1.0
-) -> None:
-    """Run ``service``'s health check every ``interval`` s until it passes.
-
-    Raises
-    ------
-    RuntimeError
-        If the process exits first (its log is in the message).
-    TimeoutError
-        If the check still fails after ``timeout`` s.
-    """
-    deadline = time.monotonic() + timeout
-    while not healthy(service):
-        if process.process.poll() is not None:
-            raise RuntimeError(
-                f"{service.name} exited with {process.process.returncode} before passing its "
-                f"health check:\n{process.log()[-4000:]}"
-            )
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"{service.name} failed its health check for {timeout:.0f} s:\n"
-                f"{process.log()[-4000:]}"
-            )
-        time.sleep(interval)
-
-
-@contextlib.contextmanager
-def running(
-    services: list[ServiceProcess],
-    base_environment: Callable[[ServiceProcess], dict[str, str]],
-    log_dir: Path,
-    before_start: Callable[[ServiceProcess], None] | None = None,
-    health_timeout: float = 120.0,
-    interval: float = 1.0,
-) -> Iterator[dict[str, Started]]:
-    """Start ``services`` as Compose would; stop them all (with their children) on exit.
-
-    A service starts as soon as every service it depends on passes its health check
-    (checked every ``interval`` s), so independent services start together;
-    ``before_start`` runs just before a service starts (e.g. to register a SuperNode's key).
-    """
-    by_name = {service.name: service for service in services}
-    started: dict[str, Started] = {}
-    passed: set[str] = set()
-    try:
-        deadline = time.monotonic() + health_timeout
-        while len(started) < len(services):
-            for service in services:
-                if service.name in started or not set(service.depends_on) <= passed:
-                    continue
-                if before_start is not None:
-                    before_start(service)
-                environment = {**base_environment(service), **service.environment}
-                started[service.name] = start(
-                    service.name, list(service.argv), log_dir, environment, service.cwd
-                )
-                deadline = time.monotonic() + health_timeout
-            awaited = {d for s in services if s.name not in started for d in s.depends_on}
-            for name in sorted(awaited & set(started) - passed):
-                process = started[name]
-                if process.process.poll() is not None:
-                    raise RuntimeError(
-                        f"{name} exited with {process.process.returncode} before passing its "
-                        f"health check:\n{process.log()[-4000:]}"
-                    )
-                if healthy(by_name[name]):
-                    passed.add(name)
-            if len(started) < len(services):
-                if time.monotonic() > deadline:
-                    waiting = sorted(awaited - passed)
-                    raise TimeoutError(f"{waiting}: health check failing for {health_timeout} s")
-                time.sleep(interval)
-        yield started
-    finally:
-        # All at once: each stop waits up to a grace period for its process tree to exit.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(started))) as pool:
-            list(pool.map(lambda process: process.stop(), started.values()))

@@ -4,6 +4,7 @@ session's own, quiet Flower, few threads."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,12 @@ def small_data_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> 
     root = tmp_path_factory.mktemp("small-data")
     (root / "MNIST").symlink_to(data_dir / "MNIST", target_is_directory=True)
     return synthetic_cifar10(root, {"train": 30, "test": 10})
+
+
+@pytest.fixture()
+def serverapp_run() -> Iterator[None]:
+    """Messages are stamped with the running ServerApp's run; act as one (server_grid tests)."""
+    from simulations.local_grid import server_identity
+
+    with server_identity(run_id=1):
+        yield

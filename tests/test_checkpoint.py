@@ -16,8 +16,11 @@ from server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from server.identity import ModelIdentity
 
 pytestmark = pytest.mark.timeout(60)
+
+VGG = ModelIdentity("vgg", "cifar10", 0.0625)
 
 
 @pytest.fixture()
@@ -27,11 +30,18 @@ def state_dict() -> dict[str, torch.Tensor]:
 
 
 def test_round_trip_is_exact(tmp_path: Path, state_dict: dict) -> None:
-    path = save_checkpoint(tmp_path, 3, state_dict, {"model": "vgg"})
+    path = save_checkpoint(tmp_path, 3, state_dict, VGG)
     assert path == tmp_path / "round-0003.safetensors" == checkpoint_path(tmp_path, 3)
-    checkpoint = load_checkpoint(path, reference=state_dict, expected_metadata={"model": "vgg"})
+    checkpoint = load_checkpoint(path, reference=state_dict, identity=VGG)
     assert checkpoint.round == 3
-    assert checkpoint.metadata == {"format": CHECKPOINT_FORMAT, "round": "3", "model": "vgg"}
+    assert checkpoint.metadata == {
+        "format": CHECKPOINT_FORMAT,
+        "round": "3",
+        "model": "vgg",
+        "dataset": "cifar10",
+        "width": "0.0625",
+        "norm": "batch",
+    }
     assert set(checkpoint.state_dict) == set(state_dict)
     for key, tensor in state_dict.items():
         assert checkpoint.state_dict[key].dtype == tensor.dtype
@@ -96,11 +106,16 @@ def test_foreign_safetensors_file_is_refused(tmp_path: Path, state_dict: dict) -
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path: Path, state_dict: dict) -> None:
-    path = save_checkpoint(tmp_path, 1, state_dict, {"model": "vgg", "width": "0.0625"})
+    path = save_checkpoint(tmp_path, 1, state_dict, VGG)
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(path, expected_metadata={"model": "vgg", "width": "0.125"})
+        load_checkpoint(path, identity=ModelIdentity("vgg", "cifar10", 0.125))
     assert str(info.value) == (
         f"checkpoint {path} was written for width='0.0625', but this run has width='0.125'"
+    )
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, identity=ModelIdentity("vgg", "cifar10", 0.0625, "layer"))
+    assert str(info.value) == (
+        f"checkpoint {path} was written for norm='batch', but this run has norm='layer'"
     )
     wider = build_model("vgg", "cifar10", width=0.125, seed=0).state_dict()
     with pytest.raises(CheckpointError) as info:
@@ -126,12 +141,6 @@ def test_non_finite_values_are_refused(tmp_path: Path, state_dict: dict) -> None
 def test_save_refuses_bad_arguments(tmp_path: Path, state_dict: dict) -> None:
     with pytest.raises(CheckpointError, match=r"^server round must be >= 0, got -1$"):
         save_checkpoint(tmp_path, -1, state_dict)
-    with pytest.raises(CheckpointError) as info:
-        save_checkpoint(tmp_path, 1, state_dict, {"round": "7"})
-    assert str(info.value) == "metadata keys ['round'] are set by save_checkpoint itself"
-    with pytest.raises(CheckpointError) as info:
-        save_checkpoint(tmp_path, 1, state_dict, {"width": 0.5})  # type: ignore[dict-item]
-    assert str(info.value) == "checkpoint metadata must be strings; not for keys ['width']"
     with pytest.raises(CheckpointError) as info:
         save_checkpoint(tmp_path, 1, {"w": [1.0, 2.0]})  # type: ignore[dict-item]
     assert str(info.value) == "'w' is a list, not a tensor"

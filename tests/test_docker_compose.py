@@ -1,58 +1,39 @@
-"""The Docker deployment: compose files, images, certificates, and the same services as processes.
+"""The Docker deployment's files: compose files, images, connections, health checks.
 
 No Docker engine is needed. The compose files are checked against the Compose
 specification's JSON schema (the copy that check-jsonschema ships) and for the topology the
 deployment needs; every service's command is parsed by Flower's own command-line parser.
-Then the services are run as local processes, exactly as the compose files describe them
-(tests/compose_processes.py translates hosts, ports and mounts): the plain deployment and
-the TLS one (docker-compose.tls.yml, certificates and SuperNode keys from
-docker/certs/generate.sh, keys registered with ``flwr supernode register``) each finish a
-``flwr run``; a SuperNode without the CA certificate, and one with an unregistered key, are
-refused with a clear error.
+The same services run as processes in tests/test_docker_deployment.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import stat
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import flwr
 import pytest
 import yaml
-from compose_processes import (
+from compose_files import (
+    BASE,
+    CONNECTIONS,
+    PLACEHOLDER,
+    REGIONS,
+    TLS,
     ComposeError,
-    LocalTranslation,
-    ServiceProcess,
     clientapp_executor_of,
     dockerfile_stages,
-    healthy,
     load_compose,
     merge_compose,
-    plan_services,
-    running,
-    wait_healthy,
 )
+from compose_processes import LocalTranslation, ServiceProcess, plan_services
 from conftest import REPO_ROOT
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from flower_processes import (
     VENV_BIN,
-    Started,
     free_port,
-    start,
-    stop_tree,
-    wait_for,
-    write_flower_config,
 )
 from flwr.common.config import parse_config_args
 from flwr.supercore.cli.flower_superexec import _parse_args as superexec_parser
@@ -60,15 +41,7 @@ from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink as sup
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as supernode_parser
 
 from client.config import NodeDataConfig
-from server.checkpoint import load_checkpoint
 
-BASE = REPO_ROOT / "docker-compose.yml"
-TLS = REPO_ROOT / "docker-compose.tls.yml"
-CONNECTIONS = REPO_ROOT / "docker" / "config.toml"
-GENERATE = REPO_ROOT / "docker" / "certs" / "generate.sh"
-CERTS_OUT = REPO_ROOT / "docker" / "certs" / "out"
-PLACEHOLDER = "/ABSOLUTE/PATH/TO/REPO"
-REGIONS = ("us", "eu")
 EXPECTED_SERVICES = {
     "superlink", "superexec-serverapp",
     "supernode-us", "superexec-clientapp-us", "supernode-eu", "superexec-clientapp-eu",
@@ -83,16 +56,6 @@ TLS_OPTIONS = {  # option -> what its value is (a secret's target or nothing)
     "--root-certificates": True, "--auth-supernode-private-key": True,
     "--enable-supernode-auth": False,
 }  # fmt: skip
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# One quick round: tiny MLP, 200 examples per node, no federated evaluation (every message
-# starts a fresh ClientApp process); the server evaluates on 200 test examples.
-QUICK_RUN = {
-    "num-server-rounds": 1,
-    "width": 0.125,
-    "max-examples": 200,
-    "server-eval-examples": 200,
-    "fraction-evaluate": 0.0,
-}
 
 
 def _parse(argv: tuple[str, ...] | list[str]):
@@ -335,290 +298,3 @@ def test_translation_refuses_a_path_no_mount_holds() -> None:
     translation = LocalTranslation(compose, Path("/nonexistent-root"))
     with pytest.raises(ComposeError, match="/var/lib/state.db is under no mount"):
         translation.command("superlink")
-
-
-# --- certificates -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Certificates and SuperNode keys made by docker/certs/generate.sh."""
-    out = tmp_path_factory.mktemp("certs") / "out"
-    result = subprocess.run(
-        ["bash", str(GENERATE), str(out)], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out
-
-
-def test_generate_sh_makes_a_ca_a_superlink_certificate_and_supernode_keys(certs: Path) -> None:
-    ca = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
-    server = x509.load_pem_x509_certificate((certs / "server.pem").read_bytes())
-    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    # Signed by the CA (raises if not).
-    ca.public_key().verify(
-        server.signature, server.tbs_certificate_bytes, padding.PKCS1v15(),
-        server.signature_hash_algorithm,
-    )  # fmt: skip
-    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert set(names.get_values_for_type(x509.DNSName)) == {"superlink", "localhost"}
-    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
-    usage = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]
-    key = serialization.load_pem_private_key((certs / "server.key").read_bytes(), None)
-    assert key.public_key().public_numbers() == server.public_key().public_numbers()
-    for region in REGIONS:
-        private = serialization.load_ssh_private_key(
-            (certs / f"supernode-{region}.key").read_bytes(), None
-        )
-        assert isinstance(private, ec.EllipticCurvePrivateKey)
-        assert private.curve.name == "secp384r1"  # what `flwr supernode register` accepts
-        public = serialization.load_ssh_public_key((certs / f"supernode-{region}.pub").read_bytes())
-        assert public.public_numbers() == private.public_key().public_numbers()
-    # Only the owner reaches the folder; the CA key is the owner's alone.
-    assert stat.S_IMODE(certs.stat().st_mode) == 0o700
-    assert stat.S_IMODE((certs / "ca.key").stat().st_mode) == 0o600
-    # A second run keeps everything (a new CA would lock out the SuperNodes that trust this one).
-    before = (certs / "ca.crt").read_bytes()
-    again = subprocess.run(
-        ["bash", str(GENERATE), str(certs)], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert again.returncode == 1 and "exists; delete" in again.stderr
-    assert (certs / "ca.crt").read_bytes() == before
-
-
-# --- the deployments, as processes ------------------------------------------------------
-
-
-@dataclass
-class Deployment:
-    """The services of some compose files, running as processes, and a ``flwr`` to use them."""
-
-    translation: LocalTranslation
-    services: dict[str, ServiceProcess]
-    started: dict[str, Started]
-    cli_environment: dict[str, str]
-    root: Path
-
-
-def _process_environment(root: Path):
-    """The environment a service's process starts with (its compose environment is added)."""
-
-    def environment(service: ServiceProcess) -> dict[str, str]:
-        # The data directory must come from the compose file, not from the test's settings.
-        env = {k: v for k, v in os.environ.items() if k != "REBASIN_DATA_DIR"}
-        env.update(
-            {
-                "FLWR_HOME": str(root / "flwr-home" / service.name),
-                # Flower starts its helpers (flwr-serverapp, flwr-clientapp) by name.
-                "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "OMP_NUM_THREADS": "1",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        return env
-
-    return environment
-
-
-def _cli_environment(root: Path, translation: LocalTranslation) -> dict[str, str]:
-    """``flwr``'s environment; its config.toml holds docker/config.toml's connections, local."""
-    home = root / "flwr-home" / "cli"
-    connections = {}
-    for name, entry in tomllib.loads(CONNECTIONS.read_text())["superlink"].items():
-        connection: dict[str, object] = {"address": translation.host_address(entry["address"])}
-        if "insecure" in entry:
-            connection["insecure"] = entry["insecure"]
-        if "root-certificates" in entry:
-            path = entry["root-certificates"].replace(PLACEHOLDER, str(REPO_ROOT))
-            connection["root-certificates"] = str(translation.host_path(path))
-        connections[name] = connection
-    write_flower_config(home, connections)
-    env = _process_environment(root)(ServiceProcess("cli", ("flwr",), {}, root, None, ()))
-    env["FLWR_HOME"] = str(home)
-    return env
-
-
-def _flwr(arguments: list[str], env: dict[str, str], log_path: Path, timeout: float) -> str:
-    """Run ``flwr <arguments>`` in the repository; its output (ANSI codes removed)."""
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [str(VENV_BIN / "flwr"), *arguments], stdout=log_file, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env, cwd=REPO_ROOT, start_new_session=True,
-        )  # fmt: skip
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"flwr {arguments} ran over {timeout} s:\n{log_path.read_text()}")
-        finally:
-            stop_tree(process.pid)
-    output = ANSI.sub("", log_path.read_text(errors="replace"))
-    assert process.returncode == 0, output
-    return output
-
-
-def _run_config(values: dict[str, object]) -> str:
-    def toml(value: object) -> str:
-        return str(value).lower() if isinstance(value, bool) else str(value)
-
-    return " ".join(f"{key}={toml(value)}" for key, value in values.items())
-
-
-def _option(argv: tuple[str, ...] | list[str], option: str) -> str | None:
-    return argv[argv.index(option) + 1] if option in argv else None
-
-
-@contextlib.contextmanager
-def _deployment(
-    files: tuple[Path, ...], root: Path, data_dir: Path, certs: Path | None = None
-) -> Iterator[Deployment]:
-    """The compose files' services running as processes; stopped, all of them, on exit.
-
-    Every region's data directory and the server's are the shared data directory (each
-    SuperNode takes its own partition of it). With ``certs``, the compose files' certificate
-    folder is that one, and each SuperNode's key is registered before the SuperNode starts,
-    as the README tells users to do.
-    """
-    variables = {f"{r.upper()}_DATA_DIR": str(data_dir) for r in REGIONS}
-    variables["SERVER_DATA_DIR"] = str(data_dir)
-    host_paths = {CERTS_OUT: certs} if certs is not None else {}
-    translation = LocalTranslation(load_compose(*files), root, variables, host_paths)
-    services = plan_services(translation)
-    cli_environment = _cli_environment(root, translation)
-    logs = root / "logs"
-    logs.mkdir()
-
-    def register_key(service: ServiceProcess) -> None:
-        key = _option(service.argv, "--auth-supernode-private-key")
-        if key is None:
-            return
-        public = Path(os.path.realpath(key)).with_suffix(".pub")
-        output = _flwr(
-            ["supernode", "register", str(public), "docker-tls"], cli_environment,
-            logs / f"register-{service.name}.log", timeout=120,
-        )  # fmt: skip
-        assert "registered successfully" in output, output
-
-    with running(services, _process_environment(root), logs, register_key) as started:
-        # As `docker compose up --wait`: every service passes its health check.
-        for service in services:
-            wait_healthy(service, started[service.name], timeout=120)
-        for region in REGIONS:
-            supernode = started[f"supernode-{region}"]
-            wait_for(lambda s=supernode: "SuperNode ID:" in s.log(), 120, "SuperNode ID", supernode)
-        yield Deployment(translation, {s.name: s for s in services}, started, cli_environment, root)
-
-
-def _assert_run_finished(deployment: Deployment, output: str) -> None:
-    assert "Strategy execution finished" in output and "[ROUND 1/1]" in output, output
-    assert "Traceback" not in output, output
-    assert "Re-Basin merge: 2 valid replies of 2" in output, output
-    # The ServerApp found its test set through REBASIN_DATA_DIR and the server's data mount.
-    assert "round 1 server evaluation: accuracy" in output, output
-    # Its checkpoints went to the named volume mounted at its working directory.
-    checkpoints = deployment.root / "volumes" / "server-checkpoints"
-    assert load_checkpoint(checkpoints / "round-0001.safetensors").round == 1
-    assert (checkpoints / "metrics.json").is_file()
-    # Each region's ClientApp ran in its executor, on its partition of its data mount.
-    for partition, region in enumerate(REGIONS):
-        log = ANSI.sub("", deployment.started[f"superexec-clientapp-{region}"].log())
-        assert f"local train data: 200 examples of mnist (partition {partition}/2)" in log, log
-    for service in deployment.services.values():  # the health checks as commands
-        assert healthy(service, in_process=False), f"{service.name} unhealthy after the run"
-
-
-@pytest.mark.timeout(420)
-def test_compose_deployment_runs_as_processes(tmp_path: Path, data_dir: Path) -> None:
-    with _deployment((BASE,), tmp_path, data_dir) as deployment:
-        output = _flwr(
-            ["run", ".", "docker", "--stream", "--run-config", _run_config(QUICK_RUN)],
-            deployment.cli_environment, tmp_path / "flwr-run.log", timeout=300,
-        )  # fmt: skip
-        _assert_run_finished(deployment, output)
-        assert "Uvicorn running on http://127.0.0.1:" in deployment.started["superlink"].log()
-
-
-@pytest.fixture(scope="module")
-def tls_deployment(
-    tmp_path_factory: pytest.TempPathFactory, data_dir: Path, certs: Path
-) -> Iterator[Deployment]:
-    """docker-compose.yml with docker-compose.tls.yml, as processes, keys registered."""
-    root = tmp_path_factory.mktemp("tls-deployment")
-    with _deployment((BASE, TLS), root, data_dir, certs) as deployment:
-        yield deployment
-
-
-@pytest.mark.timeout(420)
-def test_tls_deployment_runs_as_processes(tls_deployment: Deployment, tmp_path: Path) -> None:
-    output = _flwr(
-        ["run", ".", "docker-tls", "--stream", "--run-config", _run_config(QUICK_RUN)],
-        tls_deployment.cli_environment, tmp_path / "flwr-run.log", timeout=300,
-    )  # fmt: skip
-    _assert_run_finished(tls_deployment, output)
-    superlink_log = ANSI.sub("", tls_deployment.started["superlink"].log())
-    assert "Uvicorn running on https://127.0.0.1:" in superlink_log
-    assert "SuperNode authentication is disabled" not in superlink_log
-
-
-def _start_changed_supernode(
-    deployment: Deployment, tmp_path: Path, name: str, change: dict[str, str | None]
-) -> Started:
-    """supernode-us's command with options changed (``None``: left out), on a new port."""
-    service = deployment.services["supernode-us"]
-    argv = list(service.argv)
-    argv[argv.index("--port") + 1] = str(free_port())
-    for option, value in change.items():
-        index = argv.index(option)
-        if value is None:
-            del argv[index : index + 2]
-        else:
-            argv[index + 1] = value
-    home = tmp_path / name
-    home.mkdir()
-    return start(name, argv, home, _process_environment(home)(service), home)
-
-
-@pytest.mark.timeout(240)
-def test_tls_refuses_a_supernode_without_the_ca_or_with_an_unregistered_key(
-    tls_deployment: Deployment, tmp_path: Path
-) -> None:
-    key = ec.generate_private_key(ec.SECP384R1())
-    unregistered = tmp_path / "unregistered.key"
-    unregistered.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )  # fmt: skip
-    )
-    # Both at once: each exits on its first attempt to connect.
-    attempts = [
-        _start_changed_supernode(
-            tls_deployment, tmp_path, "supernode-without-ca", {"--root-certificates": None}
-        ),
-        _start_changed_supernode(
-            tls_deployment,
-            tmp_path,
-            "supernode-unregistered",
-            {"--auth-supernode-private-key": str(unregistered)},
-        ),  # fmt: skip
-    ]
-    try:
-        for attempt in attempts:
-            try:
-                attempt.process.wait(timeout=150)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"{attempt.name} was not refused within 150 s:\n{attempt.log()}")
-    finally:
-        for attempt in attempts:
-            attempt.stop()
-    without_ca, unregistered_node = (ANSI.sub("", attempt.log()) for attempt in attempts)
-    for attempt, log in zip(attempts, (without_ca, unregistered_node)):
-        assert attempt.process.returncode != 0, log
-        assert "Exit Code: 305" in log and "SuperNode ID:" not in log, log
-    assert "SSL/TLS handshake error" in without_ca, without_ca
-    assert "certificate verify failed: unable to get local issuer certificate" in without_ca
-    assert "Failed to activate SuperNode" in unregistered_node, unregistered_node

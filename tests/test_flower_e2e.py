@@ -44,6 +44,7 @@ from flower_processes import (
 
 from rebasin.zoo import build_model
 from server.checkpoint import load_checkpoint
+from server.identity import ModelIdentity
 
 PLUGIN_APP = REPO_ROOT / "tests" / "plugin_app"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -127,7 +128,7 @@ def _assert_checkpoints(directory: Path, rounds: int, width: float) -> None:
         checkpoint = load_checkpoint(
             directory / f"round-{server_round:04d}.safetensors",
             reference=reference,
-            expected_metadata={"model": "mlp", "width": repr(width), "dataset": "mnist"},
+            identity=ModelIdentity("mlp", "mnist", width, "batch"),
         )
         assert checkpoint.round == server_round
     metrics = json.loads((directory / "metrics.json").read_text())

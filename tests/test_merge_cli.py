@@ -21,7 +21,8 @@ from server.app import model_identity
 from server.checkpoint import save_checkpoint
 from server.config import ServerConfig
 from simulations.cli import app
-from simulations.merge_cli import BATCHNORM_WARNING, batchnorm_batches
+from simulations.merge_cli import BATCHNORM_WARNING
+from simulations.merge_run import batchnorm_batches
 
 MLP_ARGS = ["--model", "mlp", "--dataset", "mnist", "--width", "0.125"]
 VGG_ARGS = ["--model", "vgg", "--dataset", "cifar10", "--width", "0.0625", "--norm", "batch"]
