@@ -8,7 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rebasin.align import Alignment, align_many, align_to_reference, check_models_and_weights
+from rebasin.align import (
+    Alignment,
+    ManyAlignment,
+    align_many,
+    align_to_reference,
+    check_models_and_weights,
+)
 from rebasin.permute import is_finite, validate_state_dict
 from rebasin.spec import PermutationSpec, StateDict
 
@@ -117,16 +123,18 @@ def merge_many(
     seed: int = 0,
     max_rounds: int = 20,
     max_iter: int = 100,
+    on_align: Callable[[ManyAlignment], None] | None = None,
 ) -> StateDict:
     """MergeMany (Ainsworth et al., appendix): no reference model.
 
-    The weighted mean of the models as aligned by :func:`align_many`.
+    The weighted mean of the models as aligned by :func:`rebasin.align.align_many`;
+    ``on_align(alignment)``, if given, sees that alignment (per-model statistics).
     """
     weights = check_models_and_weights(models, weights)
-    aligned = align_many(
-        spec, models, weights, seed=seed, max_rounds=max_rounds, max_iter=max_iter
-    ).aligned
-    return average(aligned, weights)
+    many = align_many(spec, models, weights, seed=seed, max_rounds=max_rounds, max_iter=max_iter)
+    if on_align is not None:
+        on_align(many)
+    return average(many.aligned, weights)
 
 
 def interpolate(

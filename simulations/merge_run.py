@@ -85,20 +85,20 @@ def merge_many_models(
     progress: Progress | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[InputReport], int]:
     """:func:`rebasin.merge.merge_many` with per-input statistics and the rounds it ran."""
-    from rebasin.align import align_many
-    from rebasin.merge import average
+    from rebasin.align import ManyAlignment
+    from rebasin.merge import merge_many
 
     task = None
     if progress is not None:
         task = progress.add_task(f"MergeMany over {len(models)} models", total=1)
-    many = align_many(spec, models, weights, seed=seed, max_rounds=max_rounds, max_iter=max_iter)
+    seen: list[ManyAlignment] = []
+    merged = merge_many(spec, models, weights, seed=seed, max_rounds=max_rounds,
+                        max_iter=max_iter, on_align=seen.append)  # fmt: skip
     if progress is not None and task is not None:
         progress.advance(task)
-    reports = [
-        InputReport(s, float(g), t)
-        for s, g, t in zip(many.sweeps, many.objective_gains, many.seconds)
-    ]
-    return average(many.aligned, weights), reports, many.rounds
+    (many,) = seen
+    reports = [InputReport(a.sweeps, float(a.objective_gain), a.seconds) for a in many.alignments]
+    return merged, reports, many.rounds
 
 
 def batchnorm_batches(
