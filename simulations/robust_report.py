@@ -117,7 +117,13 @@ def render_report(results: Mapping, plot: Path | str | None = None) -> str:
             "## One-shot (independent starts)",
             "",
             f"Every honest client trains {cfg['epochs']} epoch(s) from its own initialisation; "
-            f"one aggregation. Aligned: re-basin to reference `{cfg['reference']}`.",
+            f"one aggregation. Aligned: re-basin to reference `{cfg['reference']}`"
+            + (
+                " (the reply with the most examples; hostile clients claim their victim's "
+                "count and reply last, so a tie goes to the honest client)."
+                if cfg["reference"] == "largest"
+                else "."
+            ),
             "",
             *_mode_section(summary["one-shot"], rounds=False),
         ]
@@ -144,7 +150,10 @@ def render_report(results: Mapping, plot: Path | str | None = None) -> str:
         "- Krum: `num_malicious_nodes` = hostile count; FedTrimmedAvg: trims the hostile "
         "count from each end",
         "- units moved: share of hidden units that the aligned strategy's permutations "
-        "moved, mean over the honest clients (0: matching kept the identity)",
+        "moved, mean over the honest clients (0: matching kept the identity; the `largest` "
+        "reference itself counts as 0)",
+        "- Krum returns one reply's model; permuting a model does not change its function, so "
+        "alignment can only change which model Krum picks",
     ]
     if plot is not None:
         lines += ["", f"![accuracy per attack]({Path(plot).name})"]
@@ -168,21 +177,21 @@ def _mode_section(entry: Mapping, rounds: bool) -> list[str]:
             f"{pct(entry['honest_best'])}.",
             "",
         ]
-    moved_rows = []
-    for name in names:
-        row = [row_label(name, "aligned")]
-        for kind in attacks:
-            series = entry["cells"][kind][name]["aligned"]["moved_honest"]
-            points = [0, len(series["mean"]) - 1] if rounds else [0]
-            row.append(" → ".join(_share(series, p) for p in dict.fromkeys(points)))
-        moved_rows.append(row)
-    what = "round 1 → last round" if rounds else "one aggregation"
-    lines += [
-        f"Units moved by alignment ({what}), honest clients:",
-        "",
-        table(["strategy", *attacks], moved_rows),
-        "",
-    ]
+    what = "per round, " if rounds else ""
+    for who in ("honest", "hostile"):
+        moved_rows = []
+        for name in names:
+            row = [row_label(name, "aligned")]
+            for kind in attacks:
+                series = entry["cells"][kind][name]["aligned"][f"moved_{who}"]
+                row.append(" / ".join(_share(series, p) for p in range(len(series["mean"]))))
+            moved_rows.append(row)
+        lines += [
+            f"Units moved by alignment, {who} clients ({what}%, mean over the seeds):",
+            "",
+            table(["strategy", *attacks], moved_rows),
+            "",
+        ]
     drops = [
         f"{row_label(name, variant)} under `{kind}`: {cell['dropped']} replies dropped, "
         f"{cell['kept_previous']} rounds kept the previous model"
@@ -200,10 +209,8 @@ def _mode_section(entry: Mapping, rounds: bool) -> list[str]:
 
 
 def _share(series: Mapping, index: int) -> str:
-    mean, std = series["mean"][index], series["std"][index]
-    if mean is None:
-        return "—"
-    return f"{100 * mean:.1f} ± {100 * std:.1f} %"
+    mean = series["mean"][index]
+    return "—" if mean is None else f"{100 * mean:.1f}"
 
 
 def write_report(results: Mapping, out_dir: Path, plot: Path | str | None = None) -> Path:

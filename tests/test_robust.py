@@ -281,8 +281,8 @@ def test_robust_run_writes_consistent_json_report_and_plot(tiny_run) -> None:
     assert min(abs(a - aligned_krum) for a in honest) <= 1 / 100
     # report == JSON: every table cell shows the summary's mean ± std
     tables = _tables(report)
-    assert len(tables) == 4  # per mode: accuracy, units moved
-    for mode, (header, rows) in zip(["one-shot", "rounds"], tables[::2]):
+    assert len(tables) == 6  # per mode: accuracy, units moved (honest, hostile)
+    for mode, (header, rows) in zip(["one-shot", "rounds"], tables[::3]):
         assert header == ("strategy", *attacks)
         assert [r[0] for r in rows] == ["FedAvg", "FedAvg + re-basin", "Krum", "Krum + re-basin"]
         for row, (name, variant) in zip(rows, [(s, v) for s in strategies for v in VARIANTS]):
