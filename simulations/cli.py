@@ -51,6 +51,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "simulations.bench_cli",
     "simulations.study",
     "simulations.merge_cli",
+    "simulations.robust_cli",
 )
 
 app = typer.Typer(
