@@ -2,24 +2,30 @@
 
 The model is traced with ``torch.fx``. Every Linear/Conv output gets a fresh *channel
 variable*. Ops that are permutation-equivariant pass their input's variable through, and ops
-that combine tensors elementwise (a residual ``add``) unify their operands' variables in a
-union-find. The model's inputs and outputs are *fixed*: a variable unified with them is not a
-permutation. Each remaining class of variables becomes one permutation, named after the first
-layer producing it (``P_layers.0``).
+that combine tensors elementwise (a residual ``add``, squeeze-excitation's ``scale * x``)
+unify their operands' variables in a union-find. The model's inputs and outputs are *fixed*:
+a variable unified with them is not a permutation. Each remaining class of variables becomes
+one permutation, named after the first layer producing it (``P_layers.0``).
 
-A value's channels sit either on dim 1 (``(N, C, ...)`` conv feature maps) or on the last dim
-(``(N, F)`` Linear features). ``flatten`` of a conv map turns the channels into blocks of
-``H * W`` on the last dim, which the spec expresses by putting the channel permutation on the
-next Linear's longer input axis.
+A value's channels sit on one dim: 1 for ``(N, C, ...)`` conv maps, the last one for
+``(..., F)`` features; ``permute``/``transpose`` move it (ConvNeXt's channels-last
+LayerNorm), reductions and indexing of other dims keep it. ``flatten`` of a conv map turns
+the channels into blocks of ``H * W``, which the spec expresses by putting the channel
+permutation on the next Linear's longer input axis. ``torch.cat`` along the channels gives a
+value made of blocks, each with its own variable (a :class:`~rebasin.spec.Concat` axis).
+Parameters used directly (class tokens, position embeddings, layer scale) follow the channels
+they are broadcast against. Modules with known symmetries have their own rules
+(:mod:`rebasin.trace_modules`): depthwise convolutions, norms, ``nn.MultiheadAttention`` (heads
+and the dimensions inside them), ``nn.TransformerEncoder(Layer)``, ``nn.Embedding``.
 
 Ops not known to be equivariant are allowed only on fixed values (for example preprocessing of
 the input); otherwise :class:`UnsupportedModelError` names the module and the op. A variable may
 become fixed later in the graph (a residual add with the input), so these checks run once the
 whole graph has been visited.
 
-Limitations: channel-last tensors with more than two dims (sequences ``(N, L, F)``) are only
-told apart from ``(N, F)`` when an ``example_input`` gives shapes; concatenation along channels
-is not supported (its permutation would be block-diagonal, which one name cannot express).
+Shapes: without ``example_input``, values are assumed ``(N, C, ...)`` or ``(N, F)``; ops that
+need ranks or sizes (concatenation, general reshapes, sequences ``(N, L, F)``) then raise and
+ask for an ``example_input``.
 """
 
 from __future__ import annotations
@@ -27,53 +33,31 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from rebasin.spec import PermutationSpec, SpecError
+from rebasin.spec import PermutationSpec
+from rebasin.trace_modules import (
+    FIXED,
+    Channels,
+    ModuleRules,
+    Param,
+    TupleValue,
+    UnsupportedModelError,
+    Value,
+    is_known_leaf,
+)
 
-FIXED = 0  # union-find class of "never permuted": model inputs, outputs, parameters used directly
-
-
-class UnsupportedModelError(SpecError):
-    """The model contains an op that cannot be shown to be permutation-equivariant."""
-
-
-@dataclass(frozen=True)
-class _Channels:
-    """A traced tensor: its channel variable and the dim its channels sit on.
-
-    ``dim`` is 1 for ``(N, C, ...)`` maps, -1 for ``(..., F)`` features and ``None`` for values
-    that are fixed from the start (their layout does not matter).
-    """
-
-    var: int
-    dim: int | None = None
-
-
-# Values of traced nodes: _Channels for tensors, None for Python values (sizes, ints).
-Value = _Channels | None
-
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Sigmoid, nn.Tanh,
-    nn.Hardtanh, nn.Softplus, nn.Mish, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity,
-)  # fmt: skip
-_POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-)  # fmt: skip
-_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BATCH_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+__all__ = ["UnsupportedModelError", "spec_from_module"]
 
 # call_function targets and call_method names, by what they do to channels.
 _FUNCTION_KINDS: dict[Callable, str] = {
     **dict.fromkeys(
         [torch.relu, F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.mish, F.softplus,
-         F.hardtanh, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.dropout, torch.neg,
-         operator.neg],
+         F.hardtanh, F.hardswish, F.hardsigmoid, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
+         F.dropout, torch.neg, operator.neg, torch.nn.functional.relu_],
         "elementwise",
     ),
     **dict.fromkeys(
@@ -88,25 +72,41 @@ _FUNCTION_KINDS: dict[Callable, str] = {
     ),
     torch.flatten: "flatten",
     torch.reshape: "reshape",
+    torch.permute: "permute",
+    torch.transpose: "transpose",
+    torch.mean: "reduce",
+    torch.sum: "reduce",
     getattr: "getattr",
     operator.getitem: "getitem",
     torch.cat: "concat",
     torch.concat: "concat",
+    F.layer_norm: "layer_norm",
 }  # fmt: skip
 _METHOD_KINDS: dict[str, str] = {
     **dict.fromkeys(
-        ["relu", "sigmoid", "tanh", "neg", "contiguous", "clone", "detach", "to", "float"],
+        ["relu", "relu_", "sigmoid", "tanh", "neg", "contiguous", "clone", "detach", "to",
+         "float", "type_as"],
         "elementwise",
     ),
-    **dict.fromkeys(["add", "sub", "mul", "div"], "binary"),
+    **dict.fromkeys(["add", "sub", "mul", "div", "add_", "mul_"], "binary"),
     "flatten": "flatten",
     "view": "reshape",
     "reshape": "reshape",
+    "permute": "permute",
+    "transpose": "transpose",
+    "expand": "expand",
+    "mean": "reduce",
+    "sum": "reduce",
     "size": "metadata",
     "dim": "metadata",
-}
+}  # fmt: skip
 # Tensor attributes that are not tensors (x.T would be a tensor, and mixes axes).
 _METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
+
+_RESHAPE_REMEDY = (
+    "pass example_input= (a batch the model accepts) so that the tracer can check shapes, or "
+    "give an explicit spec="
+)
 
 
 def spec_from_module(
@@ -117,11 +117,12 @@ def spec_from_module(
     Parameters
     ----------
     model
-        Any module that ``torch.fx.symbolic_trace`` can trace.
+        Any module that ``torch.fx`` can trace.
     example_input
         Optional input batch. When given, the traced graph is run once on it (in eval mode,
-        without gradients; training flags are restored) so that tensor shapes can be checked:
-        ``view``/``reshape`` calls are then recognised as flattening from their shapes.
+        without gradients; training flags are restored) so that tensor shapes are known:
+        ``view``/``reshape`` calls are then followed from their shapes, and concatenations,
+        sequences and channels-last layouts can be traced.
 
     Returns
     -------
@@ -133,13 +134,14 @@ def spec_from_module(
     ------
     UnsupportedModelError
         If the model cannot be traced, or an op that is not known to be permutation-equivariant
-        (grouped conv, GroupNorm with several groups, attention, channel-mixing reshapes,
-        unknown modules or functions) acts on permuted channels.
+        (grouped convolution, GroupNorm with several groups, channel shuffle, channel-mixing
+        reshapes, unknown modules or functions) acts on permuted channels.
     ValueError
         If ``example_input`` cannot be run through the model.
     """
     try:
-        graph_module = fx.symbolic_trace(model)
+        graph = _Tracer().trace(model)
+        graph_module = fx.GraphModule(model, graph)
     except Exception as exc:  # tracing runs arbitrary user code, so any error can come back
         raise UnsupportedModelError(
             f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}"
@@ -149,6 +151,13 @@ def spec_from_module(
     for node in graph_module.graph.nodes:
         builder.visit(node)
     return builder.spec()
+
+
+class _Tracer(fx.Tracer):
+    """``torch.fx`` tracer that keeps the modules with their own rules as single calls."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_known_leaf(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -194,131 +203,30 @@ def _arg(node: fx.Node, index: int, name: str, default: object) -> object:
     return node.kwargs.get(name, default)
 
 
-class _ChannelVariables:
-    """Union-find over channel variables; the class of ``FIXED`` is never permuted."""
-
-    def __init__(self) -> None:
-        self.parent: list[int] = [FIXED]
-        self.origin: list[str] = ["<fixed>"]  # the layer that created each variable
-
-    def new(self, origin: str) -> int:
-        self.parent.append(len(self.parent))
-        self.origin.append(origin)
-        return len(self.parent) - 1
-
-    def find(self, var: int) -> int:
-        while self.parent[var] != var:
-            self.parent[var] = self.parent[self.parent[var]]
-            var = self.parent[var]
-        return var
-
-    def union(self, a: int, b: int) -> int:
-        # The smaller id becomes the root: FIXED wins, otherwise the earliest layer names it.
-        root_a, root_b = self.find(a), self.find(b)
-        root = min(root_a, root_b)
-        self.parent[max(root_a, root_b)] = root
-        return root
-
-    def is_fixed(self, var: int) -> bool:
-        return self.find(var) == FIXED
+def _dims_arg(node: fx.Node, first: int) -> list[object]:
+    """``x.permute(0, 2, 1)`` and ``x.permute((0, 2, 1))`` alike."""
+    dims = list(node.args[first:]) or list(node.kwargs.get("dims", ()))
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = list(dims[0])
+    return dims
 
 
-class _SpecBuilder:
-    """Visits the traced graph in order and collects channel variables per state-dict axis."""
-
-    def __init__(self, model: nn.Module, shapes: dict[fx.Node, tuple[int, ...]]) -> None:
-        self.model = model
-        self.shapes = shapes  # empty without an example input
-        self.vars = _ChannelVariables()
-        self.values: dict[fx.Node, Value] = {}
-        self.axis_vars: dict[tuple[str, int], int] = {}
-        self.module_outputs: dict[str, int] = {}  # a module called twice keeps one variable
-        self.checks: list[tuple[int, str]] = []  # (variable that must end fixed, why)
-        self.state = model.state_dict(keep_vars=True)
-        # Tied parameters appear under several keys; bind them all through the first key.
-        first_key: dict[int, str] = {}
-        self.canonical = {k: first_key.setdefault(id(t), k) for k, t in self.state.items()}
-
-    # --- results -------------------------------------------------------------------------
-
-    def spec(self) -> PermutationSpec:
-        for var, message in self.checks:
-            if not self.vars.is_fixed(var):
-                raise UnsupportedModelError(message)
-        return PermutationSpec(
-            {
-                key: tuple(self._perm_name(self.canonical[key], axis) for axis in range(t.dim()))
-                for key, t in self.state.items()
-            }
-        )
-
-    def _perm_name(self, key: str, axis: int) -> str | None:
-        var = self.axis_vars.get((key, axis))
-        if var is None or self.vars.is_fixed(var):
-            return None
-        return f"P_{self.vars.origin[self.vars.find(var)]}"
-
-    # --- bookkeeping ---------------------------------------------------------------------
-
-    def _bind(self, key: str, axis: int, var: int) -> None:
-        """Record that channel variable ``var`` acts on ``axis`` of state-dict entry ``key``."""
-        if key not in self.canonical:  # a non-persistent buffer
-            return
-        key = self.canonical[key]
-        if (key, axis) in self.axis_vars:
-            self.axis_vars[(key, axis)] = self.vars.union(self.axis_vars[(key, axis)], var)
-        else:
-            self.axis_vars[(key, axis)] = var
-
-    def _require(self, node: fx.Node, x: _Channels, ok: bool, why: str) -> None:
-        """Unless ``ok``, the op is only valid if ``x`` ends up fixed (checked at the end)."""
-        if not ok:
-            self.checks.append((x.var, f"{self._describe(node)}: {why}"))
-
-    def _describe(self, node: fx.Node) -> str:
-        """Where the op sits (module qualified name and type) and what it is."""
-        if node.op == "call_module":
-            module = self.model.get_submodule(node.target)
-            return f"module {node.target!r} ({type(module).__name__})"
-        stack = list((node.meta.get("nn_module_stack") or {}).values())
-        if stack:
-            path, cls = stack[-1]
-            where = f"module {path!r} ({getattr(cls, '__name__', cls)})"
-        else:
-            where = f"{type(self.model).__name__}.forward"
-        if node.op == "call_method":
-            return f"{where}, method .{node.target}()"
-        target = node.target
-        module_name = getattr(target, "__module__", None) or "torch"
-        module_name = {"_operator": "operator"}.get(module_name, module_name)
-        return f"{where}, function {module_name}.{getattr(target, '__name__', target)}"
-
-    def _rank(self, node: fx.Node, x: _Channels) -> int | None:
-        """Rank of a node's tensor; without shapes, features are taken to be ``(N, F)``."""
-        shape = self.shapes.get(node)
-        if shape is not None:
-            return len(shape)
-        return 2 if x.dim == -1 else None
-
-    def _on_dim(self, node: fx.Node, x: _Channels, dim: int) -> bool:
-        """Whether ``x``'s channels sit on ``dim`` (1 and -1 coincide for ``(N, C)``)."""
-        return x.dim == dim or (x.dim is not None and self._rank(node, x) == 2)
-
-    def _tensor_inputs(self, node: fx.Node) -> list[tuple[fx.Node, _Channels]]:
-        return [(n, v) for n in node.all_input_nodes if (v := self.values[n]) is not None]
+class _SpecBuilder(ModuleRules):
+    """Visits the traced graph in order; module rules are in :class:`ModuleRules`."""
 
     # --- graph traversal -----------------------------------------------------------------
 
     def visit(self, node: fx.Node) -> None:
-        if node.op in ("placeholder", "get_attr"):
-            # Inputs are fixed; so are parameters used directly (they would need a permutation
-            # the spec does not give them).
-            self.values[node] = _Channels(FIXED)
+        if node.op == "placeholder":
+            self.values[node] = Channels(FIXED)  # inputs are fixed
+        elif node.op == "get_attr":
+            self.values[node] = self._get_attr(node)
         elif node.op == "output":
             for _, x in self._tensor_inputs(node):
-                self.vars.union(x.var, FIXED)
+                for var in self._vars(x):
+                    self.vars.union(var, FIXED)
         elif node.op == "call_module":
-            self.values[node] = self._call_module(node, self.model.get_submodule(node.target))
+            self.values[node] = self.call_module(node, self.model.get_submodule(node.target))
         else:
             table = _METHOD_KINDS if node.op == "call_method" else _FUNCTION_KINDS
             try:
@@ -327,145 +235,314 @@ class _SpecBuilder:
                 kind = "opaque"
             self.values[node] = self._call(node, kind)
 
+    def _get_attr(self, node: fx.Node) -> Value:
+        key = str(node.target)
+        if key in self.canonical:
+            return Param(self.canonical[key], self.state[key].dim())
+        return Channels(FIXED)  # a non-persistent buffer or constant: never permuted
+
     def _call(self, node: fx.Node, kind: str) -> Value:
         """A function or method call whose effect on channels is ``kind``."""
-        inputs = self._tensor_inputs(node)
         if kind == "getattr":
             kind = "metadata" if node.args[1] in _METADATA_ATTRIBUTES else "opaque"
+        if kind == "getitem" and isinstance(self.values.get(node.args[0]), TupleValue):
+            return self.values[node.args[0]].items[node.args[1]]
+        inputs = self._tensor_inputs(node)
         if kind == "metadata" or (kind in ("binary", "getitem") and not inputs):
             return None  # sizes and Python arithmetic on them
         if kind == "binary":
-            return self._combine(node, [x for _, x in inputs])
+            return self._combine(node, inputs)
+        if kind == "concat":
+            return self._concat(node)
+        if kind == "layer_norm":
+            return self._functional_layer_norm(node)
         if not inputs:
-            return _Channels(FIXED)  # a tensor made from constants (torch.ones, ...)
+            return Channels(FIXED)  # a tensor made from constants (torch.ones, ...)
         source, x = inputs[0]
+        if isinstance(x, Param):
+            if kind == "expand":
+                return x  # expand only prepends dims: the parameter still aligns from the end
+            self.fix_param(x)
+            x = Channels(FIXED)
+        for _, other in inputs[1:]:
+            if isinstance(other, Param):
+                self.fix_param(other)
+        if x.dim is None:
+            return Channels(FIXED)  # fixed from the start: any op is fine
         if kind == "elementwise":
-            return x
+            return self._same_dim(node, source, x)
+        if kind == "expand":
+            return self._same_dim(node, source, x)
         if kind == "pool":
-            self._require(node, x, x.dim == 1, "pooling needs channels on dim 1 (N, C, ...)")
+            self.require(node, x, self.on_dim(source, x, 1), "pooling needs channels on dim 1")
             return x
         if kind == "flatten":
             start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
             return self._flatten(node, source, x, start, end)
         if kind == "reshape":
             return self._reshape(node, source, x)
-        if kind == "concat":
-            why = (
-                "concatenation is not supported: a permutation of the joined axis is "
-                "block-diagonal, which a single permutation name cannot express"
-            )
-        else:
-            why = "not known to be permutation-equivariant on channels"
+        if kind == "permute":
+            return self._permute(node, source, x, _dims_arg(node, 1))
+        if kind == "transpose":
+            return self._transpose(node, source, x)
+        if kind == "reduce":
+            return self._reduce(node, source, x)
+        if kind == "getitem":
+            return self._getitem(node, source, x)
         for _, operand in inputs:
-            self._require(node, operand, False, why)
-        return _Channels(FIXED)
+            if isinstance(operand, Channels):
+                self.require(node, operand, False, "not known to be permutation-equivariant")
+        return Channels(FIXED)
 
-    def _combine(self, node: fx.Node, operands: list[_Channels]) -> _Channels:
-        """Elementwise op of tensors (residual add): all operands share one permutation."""
-        var = operands[0].var
-        for x in operands[1:]:
-            var = self.vars.union(var, x.var)
-        dims = {x.dim for x in operands if x.dim is not None}
-        result = _Channels(var, next(iter(dims)) if dims else None)
-        self._require(node, result, len(dims) <= 1, "operands carry channels on different dims")
+    # --- dims ----------------------------------------------------------------------------
+
+    def _same_dim(self, node: fx.Node, source: fx.Node, x: Channels) -> Channels:
+        """The channels keep their place counted from the end (elementwise, broadcasting)."""
+        end = self.from_end(source, x)
+        shape = self.shapes.get(node)
+        if end is not None and shape is not None:
+            return Channels(x.var, len(shape) + end, x.blocks)
+        return x
+
+    def _combine(self, node: fx.Node, inputs: list[tuple[fx.Node, Value]]) -> Channels:
+        """Elementwise op of tensors (residual add, gating): all operands share permutations."""
+        tensors = [(n, x) for n, x in inputs if isinstance(x, Channels)]
+        params = [x for _, x in inputs if isinstance(x, Param)]
+        if not tensors:
+            for param in params:
+                self.fix_param(param)
+            return Channels(FIXED)
+        moving = [(n, x) for n, x in tensors if x.dim is not None]
+        if not moving:
+            for param in params:
+                self.fix_param(param)
+            return Channels(FIXED)
+        ends = {self.from_end(n, x) for n, x in moving}
+        source, first = max(moving, key=lambda item: self.rank(*item) or 0)
+        if None in ends:  # ranks unknown: fall back to the raw dims
+            same = len({x.dim for _, x in moving}) == 1
+        else:
+            same = len(ends) == 1
+        result = first
+        for _, x in moving:
+            if x is not first:
+                result = self.unify(node, result, x)
+        for _, x in tensors:
+            if x.dim is None:  # a fixed tensor of the same layout: the channels stay put
+                for var in self._vars(result):
+                    self.vars.union(var, FIXED)
+        result = self._same_dim(node, source, result)
+        self.require(node, result, same, "operands carry channels on different dims")
+        for param in params:
+            self.bind_param(node, param, result)
         return result
 
     def _flatten(
-        self, node: fx.Node, source: fx.Node, x: _Channels, start: object, end: object
-    ) -> _Channels:
-        rank = self._rank(source, x)
+        self, node: fx.Node, source: fx.Node, x: Channels, start: object, end: object
+    ) -> Channels:
+        rank = self.rank(source, x)
+        dim = self.dim_index(source, x)
         if rank is not None and isinstance(start, int) and isinstance(end, int):
             start, end = start % rank, end % rank
             ends_last = end == rank - 1
         else:
             ends_last = end == -1
-        if x.dim == 1 and start == 1 and ends_last:
-            return _Channels(x.var, -1)  # channels become blocks of H*W on the last dim
-        if x.dim == 1 and isinstance(start, int) and start >= 2:
-            return x  # only spatial dims are merged
+        if dim is not None and isinstance(start, int) and isinstance(end, int):
+            if start == dim and ends_last:
+                # Channels become blocks of the merged trailing dims: scale concat blocks.
+                return Channels(x.var, self.last(node), self._scaled(source, x))
+            if dim < start:
+                return self._same_dim(node, source, x) if rank is not None else x
+        if dim is None and x.dim == 1 and start == 1 and ends_last:
+            return Channels(x.var, -1, self._scaled(source, x))
         if x.dim == -1 and rank == 2 and start == 1:
             return x  # flattening (N, F) is a no-op
-        self._require(node, x, False, "flattening that moves channels is not supported")
-        return _Channels(x.var, x.dim)
+        if x.dim == 1 and rank is None and isinstance(start, int) and start >= 2:
+            return x  # only spatial dims are merged
+        self.require(node, x, False, "flattening that moves channels is not supported")
+        return Channels(x.var, x.dim, x.blocks)
 
-    def _reshape(self, node: fx.Node, source: fx.Node, x: _Channels) -> _Channels:
-        """Accept ``view``/``reshape`` only as a no-op or as ``flatten(1)``."""
+    def _scaled(self, source: fx.Node, x: Channels) -> tuple[tuple[int, int], ...] | None:
+        if x.blocks is None:
+            return None
+        shape = self.shapes[source]  # blocks exist only where shapes are known
+        factor = math.prod(shape[self.dim_index(source, x) + 1 :])
+        return tuple((var, n * factor) for var, n in x.blocks)
+
+    def _reshape(self, node: fx.Node, source: fx.Node, x: Channels) -> Channels:
+        """``view``/``reshape``: followed from shapes when known, else only ``flatten(1)``."""
         in_shape, out_shape = self.shapes.get(source), self.shapes.get(node)
-        if in_shape is not None and out_shape is not None:
-            if in_shape == out_shape:
-                return x
-            flat = out_shape == (in_shape[0], math.prod(in_shape[1:]))
-        else:
-            shape = list(node.args[1:])
-            if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-                shape = list(shape[0])
+        if in_shape is None or out_shape is None:
+            shape = _dims_arg(node, 1) if node.op == "call_method" else _dims_arg(node, 1)
             # view(x.size(0), -1): the batch size is a traced value, the rest is flattened.
-            flat = len(shape) == 2 and isinstance(shape[0], fx.Node) and shape[1] == -1
-        if flat:
-            return self._flatten(node, source, x, 1, -1)
-        self._require(node, x, False, "reshape that is not flatten(1) may mix channels")
-        return _Channels(x.var, x.dim)
+            if len(shape) == 2 and isinstance(shape[0], fx.Node) and shape[1] == -1:
+                return self._flatten(node, source, x, 1, -1)
+            self.require(
+                node,
+                x,
+                False,
+                f"reshape that is not flatten(1) may mix channels; {_RESHAPE_REMEDY}",
+            )
+            return Channels(x.var, x.dim, x.blocks)
+        dim = self.dim_index(source, x)
+        channels = in_shape[dim]
+        before = math.prod(in_shape[:dim])
+        after = math.prod(in_shape[dim + 1 :])
+        k, prefix = 0, 1
+        while k < len(out_shape) and prefix < before:
+            prefix *= out_shape[k]
+            k += 1
+        if prefix == before and k < len(out_shape):
+            size = out_shape[k]
+            if size == channels:
+                return Channels(x.var, k, x.blocks)
+            if size % channels == 0 and after % (size // channels) == 0:
+                blocks = None
+                if x.blocks is not None:
+                    blocks = tuple((v, n * (size // channels)) for v, n in x.blocks)
+                return Channels(x.var, k, blocks)  # channels lead a merged dim: blocks
+            if channels % size == 0:
+                why = (
+                    f"reshape from {in_shape} to {out_shape} splits the {channels} channels "
+                    "of dim {dim} (a channel shuffle or hand-written attention heads); use "
+                    "nn.MultiheadAttention or give an explicit spec="
+                ).replace("{dim}", str(dim))
+                self.require(node, x, False, why)
+                return Channels(FIXED)
+        self.require(
+            node, x, False,
+            f"reshape from {in_shape} to {out_shape} mixes the channels of dim {dim} with other "
+            "dims; give an explicit spec=",
+        )  # fmt: skip
+        return Channels(FIXED)
 
-    # --- modules -------------------------------------------------------------------------
+    def _permute(self, node: fx.Node, source: fx.Node, x: Channels, dims: list) -> Channels:
+        rank = len(dims)
+        dim = self.dim_index(source, x, rank)
+        if dim is None or not all(isinstance(d, int) for d in dims):
+            self.require(node, x, False, f"permute of channels needs known dims; {_RESHAPE_REMEDY}")
+            return Channels(x.var, x.dim, x.blocks)
+        return Channels(x.var, [d % rank for d in dims].index(dim), x.blocks)
 
-    def _call_module(self, node: fx.Node, module: nn.Module) -> Value:
-        name = str(node.target)
-        inputs = self._tensor_inputs(node)
-        source, x = inputs[0] if inputs else (node, _Channels(FIXED))
-        if isinstance(module, nn.Linear):
-            self._require(node, x, self._on_dim(source, x, -1), "input channels not on last dim")
-            return self._weight_layer(name, module, x, dim=-1)
-        if isinstance(module, _CONV_MODULES):
-            if module.groups != 1:
-                self._require(
-                    node, x, False,
-                    f"grouped/depthwise convolution (groups={module.groups}) mixes channels "
-                    "only within groups, so its channels cannot be permuted freely",
-                )  # fmt: skip
-                return _Channels(FIXED, 1)
-            self._require(node, x, x.dim == 1, "input channels not on dim 1")
-            return self._weight_layer(name, module, x, dim=1)
-        if isinstance(module, _BATCH_NORM_MODULES) or (
-            isinstance(module, nn.GroupNorm) and module.num_groups == 1
-        ):
-            self._require(node, x, self._on_dim(source, x, 1), "input channels not on dim 1")
-            return self._channel_norm(name, module, x)
-        if isinstance(module, nn.GroupNorm):
-            self._require(
-                node, x, False,
-                f"GroupNorm with {module.num_groups} groups normalises channels in groups; "
-                "only GroupNorm with 1 group is permutation-equivariant",
-            )  # fmt: skip
-            return _Channels(FIXED)
-        if isinstance(module, nn.LayerNorm):
-            ok = len(module.normalized_shape) == 1 and self._on_dim(source, x, -1)
-            self._require(node, x, ok, "LayerNorm must normalise only the last (channel) dim")
-            return self._channel_norm(name, module, x)
-        if isinstance(module, _ELEMENTWISE_MODULES):
-            return x
-        if isinstance(module, _POOL_MODULES):
-            self._require(node, x, x.dim == 1, "pooling needs channels on dim 1 (N, C, ...)")
-            return x
-        if isinstance(module, nn.Flatten):
-            return self._flatten(node, source, x, module.start_dim, module.end_dim)
-        for _, operand in inputs:
-            self._require(node, operand, False, "not known to be permutation-equivariant")
-        return _Channels(FIXED)
+    def _transpose(self, node: fx.Node, source: fx.Node, x: Channels) -> Channels:
+        a, b = _arg(node, 1, "dim0", None), _arg(node, 2, "dim1", None)
+        rank = self.rank(source, x)
+        dim = self.dim_index(source, x)
+        if rank is None or dim is None or not (isinstance(a, int) and isinstance(b, int)):
+            self.require(
+                node, x, False, f"transpose of channels needs known ranks; {_RESHAPE_REMEDY}"
+            )
+            return Channels(x.var, x.dim, x.blocks)
+        a, b = a % rank, b % rank
+        return Channels(x.var, b if dim == a else a if dim == b else dim, x.blocks)
 
-    def _weight_layer(self, name: str, module: nn.Module, x: _Channels, dim: int) -> _Channels:
-        """Linear or Conv: weight ``(out, in, ...)``, bias ``(out,)``; a fresh output variable."""
-        if name not in self.module_outputs:
-            self.module_outputs[name] = self.vars.new(name)
-        out = self.module_outputs[name]
-        self._bind(f"{name}.weight", 0, out)
-        self._bind(f"{name}.weight", 1, x.var)
-        if getattr(module, "bias", None) is not None:
-            self._bind(f"{name}.bias", 0, out)
-        return _Channels(out, dim)
+    def _reduce(self, node: fx.Node, source: fx.Node, x: Channels) -> Channels:
+        """``mean``/``sum`` over dims other than the channels'."""
+        dims = _arg(node, 1, "dim", None)
+        keepdim = bool(_arg(node, 2, "keepdim", False))
+        rank = self.rank(source, x)
+        dim = self.dim_index(source, x)
+        if isinstance(dims, int):
+            dims = [dims]
+        ok = isinstance(dims, (list, tuple)) and all(isinstance(d, int) for d in dims)
+        if not ok or rank is None or dim is None:
+            self.require(node, x, False, "reduction over all dims, or dims unknown")
+            return Channels(x.var, x.dim, x.blocks)
+        reduced = {d % rank for d in dims}
+        new_dim = dim if keepdim else dim - sum(1 for d in reduced if d < dim)
+        return self._checked(
+            node, x, dim not in reduced, "reduction over the channels", Channels(x.var, new_dim)
+        )
 
-    def _channel_norm(self, name: str, module: nn.Module, x: _Channels) -> _Channels:
-        """Per-channel parameters and running statistics follow the channel permutation."""
-        for key, tensor in module.state_dict(keep_vars=True).items():
-            if tensor.dim() == 1:
-                self._bind(f"{name}.{key}", 0, x.var)
-        return x
+    def _checked(self, node: fx.Node, x: Channels, ok: bool, why: str, out: Channels) -> Channels:
+        self.require(node, x, ok, f"{why} mixes them")
+        return out
+
+    def _getitem(self, node: fx.Node, source: fx.Node, x: Channels) -> Channels:
+        """Indexing that leaves the channel dim whole (``x[:, 0]`` picks the class token)."""
+        index = node.args[1]
+        index = index if isinstance(index, tuple) else (index,)
+        rank = self.rank(source, x)
+        dim = self.dim_index(source, x)
+        if rank is None or dim is None or Ellipsis in index:
+            self.require(
+                node, x, False, f"indexing of channels needs known ranks; {_RESHAPE_REMEDY}"
+            )
+            return Channels(x.var, x.dim, x.blocks)
+        position, out, new_dim, kept = 0, 0, None, True
+        for item in index:
+            if item is None:  # a new dim of size 1
+                out += 1
+                continue
+            if position == dim:
+                kept = item == slice(None)
+                new_dim = out
+            if isinstance(item, slice):
+                out += 1
+            elif not isinstance(item, int):
+                kept = False  # tensor indices may reorder anything
+            position += 1
+        if new_dim is None:
+            new_dim = out + dim - position
+        self.require(node, x, kept, "indexing selects or reorders channels")
+        return Channels(x.var, new_dim, x.blocks)
+
+    def _concat(self, node: fx.Node) -> Channels:
+        """``torch.cat``: along the channels, blocks; along other dims, one permutation."""
+        tensors = _arg(node, 0, "tensors", ())
+        dim = _arg(node, 1, "dim", 0)
+        values = [(n, self.values[n]) for n in tensors if isinstance(n, fx.Node)]
+        moving = [(n, x) for n, x in values if isinstance(x, Channels) and x.dim is not None]
+        if not moving:
+            for _, x in values:
+                if isinstance(x, Param):
+                    self.fix_param(x)
+            return Channels(FIXED)
+        shape = self.shapes.get(node)
+        if shape is None or not isinstance(dim, int):
+            for _, x in moving:
+                self.require(
+                    node, x, False, f"concatenation of permuted channels; {_RESHAPE_REMEDY}"
+                )
+            return Channels(FIXED)
+        dim %= len(shape)
+        chan_dims = {self.dim_index(n, x) for n, x in moving}
+        if len(chan_dims) != 1:
+            for _, x in moving:
+                self.require(node, x, False, "operands carry channels on different dims")
+            return Channels(FIXED)
+        chan_dim = chan_dims.pop()
+        if chan_dim != dim:  # joined along tokens or space: the channels are shared
+            return self._combine(node, values)
+        blocks: list[tuple[int, int]] = []
+        for n, x in values:
+            length = self.shapes[n][dim]
+            if isinstance(x, Param):
+                self.fix_param(x)
+                blocks.append((FIXED, length))
+            elif x.dim is None:
+                blocks.append((FIXED, length))
+            elif x.blocks is not None:
+                blocks.extend(x.blocks)
+            else:
+                blocks.append((x.var, length))
+        return Channels(FIXED, dim, tuple(blocks))
+
+    def _functional_layer_norm(self, node: fx.Node) -> Value:
+        """``F.layer_norm(x, shape, weight, bias)`` over the channels (LayerNorm2d)."""
+        source = node.args[0]
+        x = self.values[source]
+        shape = _arg(node, 1, "normalized_shape", ())
+        params = [_arg(node, i, name, None) for i, name in ((2, "weight"), (3, "bias"))]
+        params = [self.values[p] for p in params if isinstance(p, fx.Node)]
+        if not isinstance(x, Channels) or x.dim is None:
+            for p in params:
+                if isinstance(p, Param):
+                    self.fix_param(p)
+            return Channels(FIXED)
+        ok = len(shape) == 1 and self.on_dim(source, x, -1)
+        self.require(node, x, ok, "layer_norm must normalise only the last (channel) dim")
+        for p in params:
+            if isinstance(p, Param):
+                self.bind_param(node, p, x)
+        return self._same_dim(node, source, x)

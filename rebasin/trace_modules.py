@@ -1,0 +1,519 @@
+"""The tracer's bookkeeping and its rules for modules (see :mod:`rebasin.trace`).
+
+Channel variables live in a union-find whose class ``FIXED`` is never permuted. Each state-dict
+axis is bound to a *layout*: a variable, a concatenation ``("concat", ((layout, length), ..))``
+or a grid ``("grid", (variables, ..), (sizes, ..))``; at the end every layout becomes the
+matching :class:`~rebasin.spec.Concat` / :class:`~rebasin.spec.Grid` entry of the spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from rebasin.spec import Concat, Grid, PermutationSpec, SpecError
+
+FIXED = 0  # union-find class of "never permuted": model inputs, outputs, pinned parameters
+
+
+class UnsupportedModelError(SpecError):
+    """The model contains an op that cannot be shown to be permutation-equivariant."""
+
+
+@dataclass(frozen=True)
+class Channels:
+    """A traced tensor: its channel variable and the dim its channels sit on.
+
+    ``dim`` is 1 for ``(N, C, ...)`` maps, -1 for ``(..., F)`` features when the rank is not
+    known (otherwise the dim's index), and ``None`` for values fixed from the start (their
+    layout does not matter). ``blocks``: channels joined by ``torch.cat``, one
+    ``(variable, entries)`` per block; ``var`` is then unused.
+    """
+
+    var: int
+    dim: int | None = None
+    blocks: tuple[tuple[int, int], ...] | None = None
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter or buffer used directly in the forward (class token, layer scale)."""
+
+    key: str
+    ndim: int
+
+
+@dataclass(frozen=True)
+class TupleValue:
+    """A module returning a tuple (``nn.MultiheadAttention``: output, weights)."""
+
+    items: tuple[Channels, ...]
+
+
+# Values of traced nodes; None for Python values (sizes, ints).
+Value = Channels | Param | TupleValue | None
+Layout = int | tuple
+
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.SELU, nn.Sigmoid, nn.Tanh,
+    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Mish, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.AlphaDropout, nn.Identity,
+)  # fmt: skip
+_ELEMENTWISE_FUNCTIONS = (F.relu, F.gelu, F.silu, F.elu, F.leaky_relu, F.tanh, F.sigmoid)
+_POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+)  # fmt: skip
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCH_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _is_stochastic_depth(module: nn.Module) -> bool:
+    """torchvision's StochasticDepth: drops whole samples or rows, so it is elementwise (and
+    its training branch cannot be traced, hence a leaf). Checked by name: the engine does not
+    import torchvision."""
+    cls = type(module)
+    return cls.__name__ == "StochasticDepth" and cls.__module__.startswith("torchvision.")
+
+
+def is_known_leaf(module: nn.Module) -> bool:
+    """Modules the tracer keeps as one call because it has a rule for them."""
+    return _is_stochastic_depth(module) or isinstance(
+        module, (nn.MultiheadAttention, nn.TransformerEncoder, nn.TransformerEncoderLayer)
+    )
+
+
+class _ChannelVariables:
+    """Union-find over channel variables; the class of ``FIXED`` is never permuted."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = [FIXED]
+        self.origin: list[str] = ["<fixed>"]  # the layer that created each variable
+
+    def new(self, origin: str) -> int:
+        self.parent.append(len(self.parent))
+        self.origin.append(origin)
+        return len(self.parent) - 1
+
+    def find(self, var: int) -> int:
+        while self.parent[var] != var:
+            self.parent[var] = self.parent[self.parent[var]]
+            var = self.parent[var]
+        return var
+
+    def union(self, a: int, b: int) -> int:
+        # The smaller id becomes the root: FIXED wins, otherwise the earliest layer names it.
+        root_a, root_b = self.find(a), self.find(b)
+        root = min(root_a, root_b)
+        self.parent[max(root_a, root_b)] = root
+        return root
+
+    def is_fixed(self, var: int) -> bool:
+        return self.find(var) == FIXED
+
+
+class ModuleRules:
+    """State of one trace, the helpers on values, and the rules for modules."""
+
+    def __init__(self, model: nn.Module, shapes: dict[fx.Node, tuple[int, ...]]) -> None:
+        self.model = model
+        self.shapes = shapes  # empty without an example input
+        self.vars = _ChannelVariables()
+        self.values: dict[fx.Node, Value] = {}
+        self.layouts: dict[tuple[str, int], Layout] = {}
+        self.module_vars: dict[str, int] = {}  # a module called twice keeps its variables
+        self.checks: list[tuple[int, str]] = []  # (variable that must end fixed, why)
+        self.state = model.state_dict(keep_vars=True)
+        # Tied parameters appear under several keys; bind them all through the first key.
+        first_key: dict[int, str] = {}
+        self.canonical = {k: first_key.setdefault(id(t), k) for k, t in self.state.items()}
+
+    # --- results -------------------------------------------------------------------------
+
+    def spec(self) -> PermutationSpec:
+        for var, message in self.checks:
+            if not self.vars.is_fixed(var):
+                raise UnsupportedModelError(message)
+        return PermutationSpec(
+            {
+                key: tuple(
+                    self._entry(self.layouts.get((self.canonical[key], axis), FIXED))
+                    for axis in range(t.dim())
+                )
+                for key, t in self.state.items()
+            }
+        )
+
+    def _name(self, var: int) -> str | None:
+        if self.vars.is_fixed(var):
+            return None
+        return f"P_{self.vars.origin[self.vars.find(var)]}"
+
+    def _entry(self, layout: Layout) -> str | Grid | Concat | None:
+        if isinstance(layout, int):
+            return self._name(layout)
+        if layout[0] == "grid":
+            perms = tuple(self._name(v) for v in layout[1])
+            return None if all(p is None for p in perms) else Grid(perms, layout[2])
+        blocks = tuple((self._entry(sub), n) for sub, n in layout[1])
+        if all(entry is None for entry, _ in blocks):
+            return None
+        if len(blocks) == 1 and not isinstance(blocks[0][0], Grid):
+            return blocks[0][0]
+        return Concat(blocks)
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def module_var(self, label: str) -> int:
+        if label not in self.module_vars:
+            self.module_vars[label] = self.vars.new(label)
+        return self.module_vars[label]
+
+    def bind(self, key: str, axis: int, layout: Layout) -> None:
+        """Record that ``layout`` acts on ``axis`` of state-dict entry ``key``."""
+        if key not in self.canonical:  # a non-persistent buffer
+            return
+        key = self.canonical[key]
+        old = self.layouts.get((key, axis))
+        self.layouts[(key, axis)] = layout if old is None else self._merge(old, layout)
+
+    def bind_value(self, key: str, axis: int, x: Channels) -> None:
+        self.bind(key, axis, x.var if x.blocks is None else ("concat", x.blocks))
+
+    def _merge(self, a: Layout, b: Layout) -> Layout:
+        """Two layouts on one axis (a reused module): unify them part by part; if their
+        structures differ, pin both (the identity is always a valid permutation)."""
+        if isinstance(a, int) and isinstance(b, int):
+            return self.vars.union(a, b)
+        if not isinstance(a, int) and not isinstance(b, int) and a[0] == b[0]:
+            if a[0] == "grid" and a[2] == b[2]:
+                return ("grid", tuple(self.vars.union(x, y) for x, y in zip(a[1], b[1])), a[2])
+            if a[0] == "concat" and [n for _, n in a[1]] == [n for _, n in b[1]]:
+                return (
+                    "concat",
+                    tuple((self._merge(x, y), n) for (x, n), (y, _) in zip(a[1], b[1])),
+                )
+        for var in self._layout_vars(a) + self._layout_vars(b):
+            self.vars.union(var, FIXED)
+        return FIXED
+
+    def _layout_vars(self, layout: Layout) -> list[int]:
+        if isinstance(layout, int):
+            return [layout]
+        if layout[0] == "grid":
+            return list(layout[1])
+        return [v for sub, _ in layout[1] for v in self._layout_vars(sub)]
+
+    @staticmethod
+    def _vars(x: Channels) -> list[int]:
+        return [x.var] if x.blocks is None else [v for v, _ in x.blocks]
+
+    def require(self, node: fx.Node, x: Channels, ok: bool, why: str) -> None:
+        """Unless ``ok``, the op is only valid if ``x`` ends up fixed (checked at the end)."""
+        if not ok:
+            for var in self._vars(x):
+                self.checks.append((var, f"{self.describe(node)}: {why}"))
+
+    def unify(self, node: fx.Node, a: Channels, b: Channels) -> Channels:
+        """Two operands of an elementwise op: the same permutation (block by block)."""
+        if a.blocks is None and b.blocks is None:
+            return Channels(self.vars.union(a.var, b.var), a.dim)
+        if a.blocks is not None and b.blocks is not None:
+            if [n for _, n in a.blocks] == [n for _, n in b.blocks]:
+                blocks = tuple(
+                    (self.vars.union(x, y), n) for (x, n), (y, _) in zip(a.blocks, b.blocks)
+                )
+                return Channels(FIXED, a.dim, blocks)
+        why = "combines concatenated channels with differently made channels"
+        self.require(node, a, False, why)
+        self.require(node, b, False, why)
+        return a
+
+    def fix_param(self, param: Param) -> None:
+        """A parameter used where it cannot follow a permutation: pin all its axes."""
+        for axis in range(param.ndim):
+            self.bind(param.key, axis, FIXED)
+
+    def bind_param(self, node: fx.Node, param: Param, x: Channels) -> None:
+        """A parameter broadcast against ``x`` (the op's result): its axis aligned with the
+        channels carries their permutation; its other axes none."""
+        end = self.from_end(node, x)
+        if end is None:  # ranks unknown: pin the channels instead
+            for var in self._vars(x):
+                self.vars.union(var, FIXED)
+            self.fix_param(param)
+            return
+        axis = param.ndim + end
+        for other in range(param.ndim):
+            if other != axis:
+                self.bind(param.key, other, FIXED)
+        if axis >= 0 and self.state[param.key].shape[axis] > 1:
+            self.bind_value(param.key, axis, x)
+
+    def describe(self, node: fx.Node) -> str:
+        """Where the op sits (module qualified name and type) and what it is."""
+        if node.op == "call_module":
+            module = self.model.get_submodule(node.target)
+            return f"module {node.target!r} ({type(module).__name__})"
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        if stack:
+            path, cls = stack[-1]
+            where = f"module {path!r} ({getattr(cls, '__name__', cls)})"
+        else:
+            where = f"{type(self.model).__name__}.forward"
+        if node.op == "call_method":
+            return f"{where}, method .{node.target}()"
+        target = node.target
+        module_name = getattr(target, "__module__", None) or "torch"
+        module_name = {"_operator": "operator"}.get(module_name, module_name)
+        return f"{where}, function {module_name}.{getattr(target, '__name__', target)}"
+
+    # --- dims ----------------------------------------------------------------------------
+
+    def rank(self, node: fx.Node, x: Channels) -> int | None:
+        """Rank of a node's tensor; without shapes, features are taken to be ``(N, F)``."""
+        shape = self.shapes.get(node)
+        if shape is not None:
+            return len(shape)
+        return 2 if x.dim == -1 else None
+
+    def dim_index(self, node: fx.Node, x: Channels, rank: int | None = None) -> int | None:
+        """The non-negative index of the channel dim, where it can be known."""
+        if x.dim is None:
+            return None
+        rank = rank if rank is not None else self.rank(node, x)
+        if rank is not None:
+            return x.dim % rank
+        return x.dim if x.dim >= 0 else None
+
+    def from_end(self, node: fx.Node, x: Channels) -> int | None:
+        """The channel dim counted from the end (-1: last), which broadcasting keeps."""
+        dim, rank = self.dim_index(node, x), self.rank(node, x)
+        if dim is not None and rank is not None:
+            return dim - rank
+        return -1 if x.dim == -1 else None
+
+    def on_dim(self, node: fx.Node, x: Channels, dim: int) -> bool:
+        """Whether ``x``'s channels sit on ``dim`` (1 and -1 coincide for ``(N, C)``)."""
+        if x.dim is None:
+            return False
+        rank = self.rank(node, x)
+        if rank is not None:
+            return x.dim % rank == dim % rank or rank == 2
+        return x.dim == dim
+
+    def last(self, node: fx.Node) -> int:
+        shape = self.shapes.get(node)
+        return -1 if shape is None else len(shape) - 1
+
+    def tensor_inputs(self, node: fx.Node) -> list[tuple[fx.Node, Channels | Param]]:
+        return [
+            (n, v)
+            for n in node.all_input_nodes
+            if isinstance(v := self.values[n], (Channels, Param))
+        ]
+
+    _tensor_inputs = tensor_inputs
+
+    # --- modules -------------------------------------------------------------------------
+
+    def call_module(self, node: fx.Node, module: nn.Module) -> Value:
+        name = str(node.target)
+        inputs = self.tensor_inputs(node)
+        source, x = inputs[0] if inputs else (node, Channels(FIXED))
+        if isinstance(x, Param):
+            self.fix_param(x)
+            x = Channels(FIXED)
+        if isinstance(module, nn.MultiheadAttention):
+            return self._attention_call(node, name, module)
+        if isinstance(module, (nn.TransformerEncoder, nn.TransformerEncoderLayer)):
+            return self._encoder(node, source, name, module, x)
+        if isinstance(module, nn.Embedding):
+            self.require(node, x, x.dim is None, "Embedding indices must not be permuted")
+            out = self.module_var(name)
+            self.bind(f"{name}.weight", 1, out)
+            return Channels(out, self.last(node))
+        if isinstance(module, nn.Linear):
+            self.require(node, x, self.on_dim(source, x, -1), "input channels not on last dim")
+            return self._weight_layer(name, module, x, self.last(node))
+        if isinstance(module, _CONV_MODULES):
+            return self._conv(node, source, name, module, x)
+        if isinstance(module, _BATCH_NORM_MODULES) or (
+            isinstance(module, nn.GroupNorm) and module.num_groups == 1
+        ):
+            self.require(node, x, self.on_dim(source, x, 1), "input channels not on dim 1")
+            return self._channel_norm(name, module, x)
+        if isinstance(module, nn.GroupNorm):
+            self.require(
+                node, x, False,
+                f"GroupNorm with {module.num_groups} groups normalises channels in groups; "
+                "only GroupNorm with 1 group is permutation-equivariant",
+            )  # fmt: skip
+            return Channels(FIXED)
+        if isinstance(module, nn.LayerNorm):
+            ok = len(module.normalized_shape) == 1 and self.on_dim(source, x, -1)
+            self.require(node, x, ok, "LayerNorm must normalise only the last (channel) dim")
+            return self._channel_norm(name, module, x)
+        if isinstance(module, _ELEMENTWISE_MODULES) or _is_stochastic_depth(module):
+            return x
+        if isinstance(module, _POOL_MODULES):
+            self.require(node, x, self.on_dim(source, x, 1), "pooling needs channels on dim 1")
+            return x
+        if isinstance(module, nn.Flatten):
+            return self._flatten(node, source, x, module.start_dim, module.end_dim)
+        for _, operand in inputs:
+            if isinstance(operand, Channels):
+                self.require(node, operand, False, "not known to be permutation-equivariant")
+            else:
+                self.fix_param(operand)
+        return Channels(FIXED)
+
+    def _weight_layer(self, name: str, module: nn.Module, x: Channels, dim: int) -> Channels:
+        """Linear or Conv: weight ``(out, in, ...)``, bias ``(out,)``; a fresh output variable."""
+        out = self.module_var(name)
+        self.bind(f"{name}.weight", 0, out)
+        self.bind_value(f"{name}.weight", 1, x)
+        if getattr(module, "bias", None) is not None:
+            self.bind(f"{name}.bias", 0, out)
+        return Channels(out, dim)
+
+    def _conv(
+        self, node: fx.Node, source: fx.Node, name: str, module: nn.Module, x: Channels
+    ) -> Channels:
+        self.require(node, x, x.dim is None or self.on_dim(source, x, 1), "channels not on dim 1")
+        if module.groups == 1:
+            return self._weight_layer(name, module, x, 1)
+        if module.groups == module.in_channels:
+            # Depthwise: output channel c * m + j is made from input channel c only, so the
+            # input's permutation acts on the output too (in blocks of m).
+            m = module.out_channels // module.in_channels
+            out = (
+                x
+                if x.blocks is None
+                else Channels(x.var, 1, tuple((v, n * m) for v, n in x.blocks))
+            )
+            self.bind_value(f"{name}.weight", 0, out)
+            if module.bias is not None:
+                self.bind_value(f"{name}.bias", 0, out)
+            return Channels(out.var, 1, out.blocks)
+        self.require(
+            node, x, False,
+            f"grouped convolution (groups={module.groups}, {module.in_channels} -> "
+            f"{module.out_channels} channels) mixes channels only within groups, so its "
+            "channels cannot be permuted freely",
+        )  # fmt: skip
+        return Channels(FIXED, 1)
+
+    def _channel_norm(self, name: str, module: nn.Module, x: Channels) -> Channels:
+        """Per-channel parameters and running statistics follow the channel permutation."""
+        for key, tensor in module.state_dict(keep_vars=True).items():
+            if tensor.dim() == 1:
+                self.bind_value(f"{name}.{key}", 0, x)
+        return x
+
+    def _attention_call(self, node: fx.Node, name: str, module: nn.MultiheadAttention) -> Value:
+        args = [node.args[i] if len(node.args) > i else node.kwargs.get(k) for i, k in
+                enumerate(("query", "key", "value"))]  # fmt: skip
+        operands = []
+        for arg in args:
+            value = self.values.get(arg) if isinstance(arg, fx.Node) else None
+            if isinstance(value, Param):
+                self.fix_param(value)
+                value = Channels(FIXED)
+            x = value if isinstance(value, Channels) else Channels(FIXED)
+            self.require(node, x, x.dim is None or self.on_dim(arg, x, -1), "input not on last dim")
+            operands.append(x)
+        out = self.attention(name, module, *operands)
+        dim = self.dim_index(args[0], operands[0]) if operands[0].dim is not None else -1
+        return TupleValue((Channels(out, dim), Channels(FIXED)))
+
+    def attention(
+        self, name: str, module: nn.MultiheadAttention, q: Channels, k: Channels, v: Channels
+    ) -> int:
+        """Bind an ``nn.MultiheadAttention``'s parameters; return its output variable.
+
+        Heads move together in q, k, v and ``out_proj``'s input (variable ``.heads``); inside
+        every head, query/key dims share ``.qk`` and value/output dims ``.vo``.
+        """
+        e, h, d = module.embed_dim, module.num_heads, module.head_dim
+        heads = self.module_var(f"{name}.heads")
+        qk = ("grid", (heads, self.module_var(f"{name}.qk")), (h, d))
+        vo = ("grid", (heads, self.module_var(f"{name}.vo")), (h, d))
+        packed = ("concat", ((qk, e), (qk, e), (vo, e)))
+        if module._qkv_same_embed_dim:
+            joined = self.unify_all([q, k, v])
+            self.bind(f"{name}.in_proj_weight", 0, packed)
+            self.bind_value(f"{name}.in_proj_weight", 1, joined)
+        else:
+            for proj, x, rows in (("q", q, qk), ("k", k, qk), ("v", v, vo)):
+                self.bind(f"{name}.{proj}_proj_weight", 0, rows)
+                self.bind_value(f"{name}.{proj}_proj_weight", 1, x)
+        if module.in_proj_bias is not None:
+            self.bind(f"{name}.in_proj_bias", 0, packed)
+        for bias, rows in (("bias_k", qk), ("bias_v", vo)):
+            if getattr(module, bias) is not None:  # shape (1, 1, E)
+                self.bind(f"{name}.{bias}", 0, FIXED)
+                self.bind(f"{name}.{bias}", 1, FIXED)
+                self.bind(f"{name}.{bias}", 2, rows)
+        out = self.module_var(f"{name}.out_proj")
+        self.bind(f"{name}.out_proj.weight", 0, out)
+        self.bind(f"{name}.out_proj.weight", 1, vo)
+        if module.out_proj.bias is not None:
+            self.bind(f"{name}.out_proj.bias", 0, out)
+        return out
+
+    def unify_all(self, xs: list[Channels]) -> Channels:
+        moving = [x for x in xs if x.dim is not None]
+        if not moving:
+            return Channels(FIXED)
+        result = moving[0]
+        for x in moving[1:]:
+            result = Channels(self.vars.union(result.var, x.var), result.dim)
+        for x in xs:
+            if x.dim is None:
+                result = Channels(self.vars.union(result.var, FIXED), result.dim)
+        return result
+
+    def _encoder(
+        self, node: fx.Node, source: fx.Node, name: str, module: nn.Module, x: Channels
+    ) -> Channels:
+        """``nn.TransformerEncoder(Layer)``: one residual-stream permutation through all
+        layers; attention as in :meth:`attention`; a fresh permutation per feed-forward."""
+        self.require(node, x, x.dim is None or self.on_dim(source, x, -1), "input not last dim")
+        self.require(node, x, x.blocks is None, "a concatenation as the residual stream")
+        stream = x if x.dim is not None else Channels(self.module_var(name), -1)
+        if x.dim is None:
+            self.vars.union(stream.var, FIXED)
+        if isinstance(module, nn.TransformerEncoder):
+            layers = [(f"{name}.layers.{i}", layer) for i, layer in enumerate(module.layers)]
+            final_norm = module.norm
+        else:
+            layers, final_norm = [(name, module)], None
+        var = stream.var
+        for prefix, layer in layers:
+            activation = layer.activation
+            ok = activation in _ELEMENTWISE_FUNCTIONS or isinstance(
+                activation, _ELEMENTWISE_MODULES
+            )
+            self.require(node, stream, ok, f"activation {activation!r} of {prefix!r} unknown")
+            attn_in = Channels(var, -1)
+            var = self.vars.union(var, self.attention(f"{prefix}.self_attn", layer.self_attn,
+                                                      attn_in, attn_in, attn_in))  # fmt: skip
+            hidden = self.module_var(f"{prefix}.linear1")
+            self.bind(f"{prefix}.linear1.weight", 0, hidden)
+            self.bind(f"{prefix}.linear1.weight", 1, var)
+            self.bind(f"{prefix}.linear1.bias", 0, hidden)
+            self.bind(f"{prefix}.linear2.weight", 0, var)
+            self.bind(f"{prefix}.linear2.weight", 1, hidden)
+            self.bind(f"{prefix}.linear2.bias", 0, var)
+            for norm_name in ("norm1", "norm2"):
+                self.bind(f"{prefix}.{norm_name}.weight", 0, var)
+                self.bind(f"{prefix}.{norm_name}.bias", 0, var)
+        if final_norm is not None:
+            self._channel_norm(f"{name}.norm", final_norm, Channels(var, -1))
+        return Channels(var, stream.dim)
+
+    def _flatten(self, node, source, x, start, end):  # implemented by the graph visitor
+        raise NotImplementedError
