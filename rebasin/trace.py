@@ -81,7 +81,10 @@ _FUNCTION_KINDS: dict[Callable, str] = {
     torch.cat: "concat",
     torch.concat: "concat",
     F.layer_norm: "layer_norm",
+    F.scaled_dot_product_attention: "attention",
 }  # fmt: skip
+# What a tensor split into attention heads may go through (see _SpecBuilder._split_heads).
+_HEAD_KINDS = frozenset({"elementwise", "transpose", "permute", "reshape", "attention"})
 _METHOD_KINDS: dict[str, str] = {
     **dict.fromkeys(
         ["relu", "relu_", "sigmoid", "tanh", "neg", "contiguous", "clone", "detach", "to",
@@ -250,6 +253,13 @@ class _SpecBuilder(ModuleRules):
         inputs = self._tensor_inputs(node)
         if kind == "metadata" or (kind in ("binary", "getitem") and not inputs):
             return None  # sizes and Python arithmetic on them
+        split = [x for _, x in inputs if isinstance(x, Channels) and x.inner is not None]
+        if split and kind not in _HEAD_KINDS:
+            for x in split:
+                self.require(node, x, False, "op on channels split into heads")
+            return Channels(FIXED)
+        if kind == "attention":
+            return self._sdpa(node)
         if kind == "binary":
             return self._combine(node, inputs)
         if kind == "concat":
@@ -299,9 +309,12 @@ class _SpecBuilder(ModuleRules):
     def _same_dim(self, node: fx.Node, source: fx.Node, x: Channels) -> Channels:
         """The channels keep their place counted from the end (elementwise, broadcasting)."""
         end = self.from_end(source, x)
-        shape = self.shapes.get(node)
+        shape, source_shape = self.shapes.get(node), self.shapes.get(source)
         if end is not None and shape is not None:
-            return Channels(x.var, len(shape) + end, x.blocks)
+            inner = x.inner
+            if inner is not None and source_shape is not None:
+                inner = len(shape) + inner - len(source_shape)
+            return Channels(x.var, len(shape) + end, x.blocks, inner)
         return x
 
     def _combine(self, node: fx.Node, inputs: list[tuple[fx.Node, Value]]) -> Channels:
@@ -352,7 +365,7 @@ class _SpecBuilder(ModuleRules):
                 # Channels become blocks of the merged trailing dims: scale concat blocks.
                 return Channels(x.var, self.last(node), self._scaled(source, x))
             if dim < start:
-                return self._same_dim(node, source, x) if rank is not None else x
+                return x  # only dims after the channels are merged: their index stays
         if dim is None and x.dim == 1 and start == 1 and ends_last:
             return Channels(x.var, -1, self._scaled(source, x))
         if x.dim == -1 and rank == 2 and start == 1:
@@ -385,6 +398,8 @@ class _SpecBuilder(ModuleRules):
             )
             return Channels(x.var, x.dim, x.blocks)
         dim = self.dim_index(source, x)
+        if x.inner is not None:
+            return self._merge_heads(node, x, dim, in_shape, out_shape)
         channels = in_shape[dim]
         before = math.prod(in_shape[:dim])
         after = math.prod(in_shape[dim + 1 :])
@@ -401,6 +416,15 @@ class _SpecBuilder(ModuleRules):
                 if x.blocks is not None:
                     blocks = tuple((v, n * (size // channels)) for v, n in x.blocks)
                 return Channels(x.var, k, blocks)  # channels lead a merged dim: blocks
+            if (
+                channels % size == 0
+                and k + 1 < len(out_shape)
+                and size * out_shape[k + 1] == channels
+                and x.blocks is None
+            ):
+                parts = self.vars.split(x.var, (size, out_shape[k + 1]))
+                if parts is not None:
+                    return Channels(x.var, k, None, k + 1)  # heads on k, head dims on k + 1
             if channels % size == 0:
                 why = (
                     f"reshape from {in_shape} to {out_shape} splits the {channels} channels "
@@ -422,7 +446,9 @@ class _SpecBuilder(ModuleRules):
         if dim is None or not all(isinstance(d, int) for d in dims):
             self.require(node, x, False, f"permute of channels needs known dims; {_RESHAPE_REMEDY}")
             return Channels(x.var, x.dim, x.blocks)
-        return Channels(x.var, [d % rank for d in dims].index(dim), x.blocks)
+        order = [d % rank for d in dims]
+        inner = None if x.inner is None else order.index(x.inner)
+        return Channels(x.var, order.index(dim), x.blocks, inner)
 
     def _transpose(self, node: fx.Node, source: fx.Node, x: Channels) -> Channels:
         a, b = _arg(node, 1, "dim0", None), _arg(node, 2, "dim1", None)
@@ -434,7 +460,11 @@ class _SpecBuilder(ModuleRules):
             )
             return Channels(x.var, x.dim, x.blocks)
         a, b = a % rank, b % rank
-        return Channels(x.var, b if dim == a else a if dim == b else dim, x.blocks)
+
+        def moved(d: int | None) -> int | None:
+            return b if d == a else a if d == b else d
+
+        return Channels(x.var, moved(dim), x.blocks, moved(x.inner))
 
     def _reduce(self, node: fx.Node, source: fx.Node, x: Channels) -> Channels:
         """``mean``/``sum`` over dims other than the channels'."""
@@ -546,3 +576,55 @@ class _SpecBuilder(ModuleRules):
             if isinstance(p, Param):
                 self.bind_param(node, p, x)
         return self._same_dim(node, source, x)
+
+    def _merge_heads(
+        self,
+        node: fx.Node,
+        x: Channels,
+        dim: int,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+    ) -> Channels:
+        """``view(B, L, H * D)`` of heads ``(.., H, D)`` back into one channel dim."""
+        inner = x.inner % len(in_shape)
+        merged = in_shape[dim] * in_shape[inner]
+        before = math.prod(in_shape[:dim])
+        k, prefix = 0, 1
+        while k < len(out_shape) and prefix < before:
+            prefix *= out_shape[k]
+            k += 1
+        ok = inner == dim + 1 and prefix == before and k < len(out_shape)
+        if ok and out_shape[k] == merged:
+            return Channels(x.var, k)
+        why = (
+            "reshape merges channels split into heads in another order (a channel shuffle)"
+            if inner == dim - 1
+            else f"reshape from {in_shape} to {out_shape} of channels split into heads"
+        )
+        self.require(node, x, False, why)
+        return Channels(FIXED)
+
+    def _sdpa(self, node: fx.Node) -> Value:
+        """``F.scaled_dot_product_attention(q, k, v)`` on heads ``(B, H, L, D)``: heads move
+        together in q, k and v; q and k share their head dims; the output carries v's."""
+        names = ("query", "key", "value")
+        args = [node.args[i] if len(node.args) > i else node.kwargs.get(n) for i, n in
+                enumerate(names)]  # fmt: skip
+        q, k, v = (self.values.get(a) if isinstance(a, fx.Node) else None for a in args)
+        operands = [x for x in (q, k, v) if isinstance(x, Channels)]
+        if all(x.dim is None for x in operands) and len(operands) == 3:
+            return Channels(FIXED)
+        layout = {(x.dim, x.inner) for x in operands}
+        if len(operands) != 3 or len(layout) != 1 or None in next(iter(layout)):
+            for x in operands:
+                self.require(
+                    node, x, False,
+                    "attention needs q, k and v split into heads the same way "
+                    "(view(B, L, H, D).transpose(1, 2))",
+                )  # fmt: skip
+            return Channels(FIXED)
+        (hq, dq), (hk, dk), (hv, _) = (self.vars.parts(x.var)[0] for x in (q, k, v))
+        self.vars.union(hq, hk)
+        self.vars.union(hq, hv)
+        self.vars.union(dq, dk)
+        return Channels(v.var, q.dim, None, q.inner)

@@ -35,6 +35,7 @@ class Channels:
     var: int
     dim: int | None = None
     blocks: tuple[tuple[int, int], ...] | None = None
+    inner: int | None = None  # channels split into heads: ``dim`` holds heads, this head dims
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,17 @@ def is_known_leaf(module: nn.Module) -> bool:
 
 
 class _ChannelVariables:
-    """Union-find over channel variables; the class of ``FIXED`` is never permuted."""
+    """Union-find over channel variables; the class of ``FIXED`` is never permuted.
+
+    A variable may be *split* into attention heads: ``(heads, head_dims)`` sub-variables with
+    sizes ``(H, D)`` (a ``view`` of the channels into heads); it then stands for the grid
+    ``Grid((heads, head_dims), (H, D))`` and unifying two split variables unifies their parts.
+    """
 
     def __init__(self) -> None:
         self.parent: list[int] = [FIXED]
         self.origin: list[str] = ["<fixed>"]  # the layer that created each variable
+        self.splits: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}  # root -> parts
 
     def new(self, origin: str) -> int:
         self.parent.append(len(self.parent))
@@ -106,12 +113,49 @@ class _ChannelVariables:
     def union(self, a: int, b: int) -> int:
         # The smaller id becomes the root: FIXED wins, otherwise the earliest layer names it.
         root_a, root_b = self.find(a), self.find(b)
+        if root_a == root_b:
+            return root_a
         root = min(root_a, root_b)
         self.parent[max(root_a, root_b)] = root
-        return root
+        parts = [p for p in (self.splits.pop(root_a, None), self.splits.pop(root_b, None)) if p]
+        if root == FIXED:
+            for (h, d), _ in parts:
+                self.union(h, FIXED)
+                self.union(d, FIXED)
+        elif len(parts) == 2 and parts[0][1] == parts[1][1]:
+            self.splits[root] = parts[0]
+            for x, y in zip(parts[0][0], parts[1][0]):
+                self.union(x, y)
+        elif len(parts) == 2:  # split into heads differently: no common permutation but none
+            for (h, d), _ in parts:
+                self.union(h, FIXED)
+                self.union(d, FIXED)
+            self.splits[root] = parts[0]
+        elif parts:
+            self.splits[root] = parts[0]
+        return self.find(root)
+
+    def split(self, var: int, sizes: tuple[int, int]) -> tuple[int, int] | None:
+        """The head parts of ``var`` (made on first use); ``None`` if it was split otherwise."""
+        root = self.find(var)
+        if root == FIXED:
+            return FIXED, FIXED
+        if root not in self.splits:
+            name = self.origin[root]
+            parts = (self.new(f"{name}.heads"), self.new(f"{name}.head_dims"))
+            self.splits[root] = (parts, sizes)
+        parts, known = self.splits[root]
+        return parts if known == sizes else None
+
+    def parts(self, var: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        return self.splits.get(self.find(var))
 
     def is_fixed(self, var: int) -> bool:
-        return self.find(var) == FIXED
+        root = self.find(var)
+        if root == FIXED:
+            return True
+        parts = self.splits.get(root)
+        return parts is not None and all(self.is_fixed(p) for p in parts[0])
 
 
 class ModuleRules:
@@ -153,7 +197,11 @@ class ModuleRules:
 
     def _entry(self, layout: Layout) -> str | Grid | Concat | None:
         if isinstance(layout, int):
-            return self._name(layout)
+            parts = self.vars.parts(layout)
+            if parts is not None:
+                layout = ("grid", parts[0], parts[1])
+            else:
+                return self._name(layout)
         if layout[0] == "grid":
             perms = tuple(self._name(v) for v in layout[1])
             return None if all(p is None for p in perms) else Grid(perms, layout[2])
@@ -326,6 +374,11 @@ class ModuleRules:
         if isinstance(x, Param):
             self.fix_param(x)
             x = Channels(FIXED)
+        split = [v for _, v in inputs if isinstance(v, Channels) and v.inner is not None]
+        if split and not isinstance(module, _ELEMENTWISE_MODULES):
+            for v in split:
+                self.require(node, v, False, "module on channels split into heads")
+            return Channels(FIXED)
         if isinstance(module, nn.MultiheadAttention):
             return self._attention_call(node, name, module)
         if isinstance(module, (nn.TransformerEncoder, nn.TransformerEncoderLayer)):
