@@ -15,6 +15,7 @@ from typing import Any, Literal, Self
 from pydantic import ConfigDict, Field, model_validator
 
 from rebasin.data import resolve_data_dir
+from rebasin.zoo import CONV_MODELS
 from strategies.run_config import TrainingConfig
 
 StrategyName = Literal["rebasin", "fedavg"]
@@ -80,8 +81,10 @@ class ServerConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _bn_recalibration_needs_batchnorm(self) -> Self:
-        if self.bn_recalibration and (self.model == "mlp" or self.norm != "batch"):
-            has = "has no normalisation" if self.model == "mlp" else f"uses norm {self.norm!r}"
+        if self.bn_recalibration and (self.model not in CONV_MODELS or self.norm != "batch"):
+            has = {"mlp": "has no normalisation", "vit": "uses LayerNorm"}.get(
+                self.model, f"uses norm {self.norm!r}"
+            )
             raise ValueError(
                 f"'bn-recalibration' = True needs a model with BatchNorm, but model "
                 f"{self.model!r} {has}; set 'bn-recalibration' = false or use "

@@ -34,7 +34,8 @@ from rebasin.norm import (
 from rebasin.partition import dirichlet_split, pathological_split, region_split
 from rebasin.spec import PermutationSpec, StateDict
 from rebasin.train import evaluate, predict_logits, train
-from rebasin.zoo import build_model
+from rebasin.transformers import is_head_perm, stream_only
+from rebasin.zoo import CONV_MODELS, ModelName, build_model, check_model_fits_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class OneShotConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     dataset: Literal["mnist", "cifar10"] = "mnist"
-    model: Literal["mlp", "vgg", "resnet20"] = "mlp"
+    model: ModelName = "mlp"
     width: float = Field(1.0, gt=0)
     norm: Literal["batch", "layer", "none"] = "batch"
     partition: Partition = "region"
@@ -69,8 +70,9 @@ class OneShotConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> OneShotConfig:
-        if self.model != "mlp" and self.dataset == "mnist":
+        if self.model in CONV_MODELS and self.dataset == "mnist":
             raise ValueError(f"model {self.model!r} needs 3x32x32 images; use mlp for mnist")
+        check_model_fits_dataset(self.model, self.dataset)
         return self
 
 
@@ -174,6 +176,9 @@ def run_oneshot(
         aligned_states[:] = _align_to(spec, states, largest, seed, cfg.max_iter)
         return average(aligned_states, sizes)
 
+    # Transformers: also re-basin over the residual stream and MLP units only (no heads).
+    stream = stream_only(spec) if any(is_head_perm(p) for p in spec.perm_names) else None
+
     aligned_states: list[StateDict] = []
     merged: dict[str, StateDict] = {
         "naive": timed("naive", lambda: average(states, sizes)),
@@ -183,6 +188,11 @@ def run_oneshot(
             lambda: merge_many(spec, states, sizes, seed=seed, max_iter=cfg.max_iter),
         ),
     }
+    if stream is not None:
+        merged["rebasin-stream"] = timed(
+            "rebasin-stream",
+            lambda: average(_align_to(stream, states, largest, seed, cfg.max_iter), sizes),
+        )
     models = {name: _load(template, sd) for name, sd in merged.items()}
     # Activation repair. BatchNorm: statistics pooled from per-client moments, as the
     # federated recalibration does. Without BatchNorm: REPAIR against the aligned clients.
@@ -280,6 +290,10 @@ def _interpolation(
         "naive": interpolation_curve(a, b, evaluator(False), lambdas),
         "rebasin": interpolation_curve(a, b_aligned, evaluator(False), lambdas),
     }
+    if any(is_head_perm(p) for p in spec.perm_names):
+        stream = stream_only(spec)
+        b_stream, _ = align_to_reference(stream, a, b, seed=seed, max_iter=cfg.max_iter)
+        curves["rebasin-stream"] = interpolation_curve(a, b_stream, evaluator(False), lambdas)
     if has_batchnorm(template):
         curves["rebasin+bn-reset"] = interpolation_curve(a, b_aligned, evaluator(True), lambdas)
     return {
