@@ -204,7 +204,8 @@ def run_oneshot(
         if has_batchnorm(model):
             stats = [batchnorm_stats(model, ld, cfg.repair_batches) for ld in repair_loaders]
             models[f"{base}+bn-reset"] = load_batchnorm_stats(model, combine_batchnorm_stats(stats))
-        elif base == "rebasin":
+        elif base == "rebasin" and stream is None:
+            # REPAIR measures Linear/Conv outputs as (N, C, ...) maps: not for transformers.
             aligned = [_load(template, sd) for sd in aligned_states]
             pooled = train_set.subset(np.concatenate(shards)).loader(
                 cfg.batch_size, shuffle=True, seed=seed
