@@ -241,3 +241,12 @@ def test_malformed_structured_entries_are_rejected() -> None:
         Concat(("A",))  # type: ignore[arg-type]
     with pytest.raises(SpecError, match="expected a permutation name, Grid, Concat or None"):
         PermutationSpec({"w": (3,)})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_traced_spec_of_the_structured_models_equals_the_hand_written_one(name: str) -> None:
+    from rebasin.trace import spec_from_module
+
+    model = _model(name, 0)
+    traced = spec_from_module(model, example_input=_input(name))
+    assert traced.canonical() == model.permutation_spec().canonical()
