@@ -97,6 +97,8 @@ class TensorOps(ModuleRules):
                 return Channels(x.var, self.last(node), self._scaled(source, x))
             if dim < start:
                 return x  # only dims after the channels are merged: their index stays
+            if rank is not None and end < dim:  # dims before the channels merged (B*L, F)
+                return Channels(x.var, dim - (end - start), x.blocks)
         if dim is None and x.dim == 1 and start == 1 and ends_last:
             return Channels(x.var, -1, self._scaled(source, x))
         if x.dim == -1 and rank == 2 and start == 1:
