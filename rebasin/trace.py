@@ -16,7 +16,8 @@ value made of blocks, each with its own variable (a :class:`~rebasin.spec.Concat
 Parameters used directly (class tokens, position embeddings, layer scale) follow the channels
 they are broadcast against. Modules with known symmetries have their own rules
 (:mod:`rebasin.trace_modules`): depthwise convolutions, norms, ``nn.MultiheadAttention`` (heads
-and the dimensions inside them), ``nn.TransformerEncoder(Layer)``, ``nn.Embedding``.
+and the dimensions inside them), grouped convolutions (groups and the channels inside them),
+``nn.TransformerEncoder(Layer)``, ``nn.Embedding``.
 
 Ops not known to be equivariant are allowed only on fixed values (for example preprocessing of
 the input); otherwise :class:`UnsupportedModelError` names the module and the op. A variable may
@@ -131,8 +132,9 @@ def spec_from_module(
     ------
     UnsupportedModelError
         If the model cannot be traced, or an op that is not known to be permutation-equivariant
-        (grouped convolution, GroupNorm with several groups, channel shuffle, channel-mixing
-        reshapes, unknown modules or functions) acts on permuted channels.
+        (a grouped convolution on channels grouped otherwise, GroupNorm with several groups,
+        channel shuffle, channel-mixing reshapes, unknown modules or functions) acts on
+        permuted channels.
     ValueError
         If ``example_input`` cannot be run through the model.
     """

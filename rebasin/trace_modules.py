@@ -127,13 +127,34 @@ class ModuleRules(TraceState):
             if module.bias is not None:
                 self.bind_value(f"{name}.bias", 0, out)
             return Channels(out.var, 1, out.blocks)
-        self.require(
-            node, x, False,
-            f"grouped convolution (groups={module.groups}, {module.in_channels} -> "
-            f"{module.out_channels} channels) mixes channels only within groups, so its "
-            "channels cannot be permuted freely",
-        )  # fmt: skip
-        return Channels(FIXED, 1)
+        return self._grouped_conv(node, name, module, x)
+
+    def _grouped_conv(self, node: fx.Node, name: str, module: nn.Module, x: Channels) -> Channels:
+        """``groups = g``: output channel ``q * t + r`` (group ``q``) sees input channels
+        ``q * s + j`` only, so the permutations that keep groups intact are ``G x W_in`` on the
+        input and ``G x W_out`` on the output (``G`` moves whole groups, ``W`` the channels
+        inside every group alike): the weight ``(C_out, s, k, k)`` gets ``Grid(G, W_out)`` and
+        ``W_in``. The input's variable is split into groups (a ``Grid`` wherever it acts)."""
+        g = module.groups
+        s, t = module.in_channels // g, module.out_channels // g
+        labels = ("groups", "in_group")
+        parts = (FIXED, FIXED) if x.dim is None else self.vars.split(x.var, (g, s), labels)
+        if parts is None or x.blocks is not None:
+            self.require(
+                node, x, False,
+                f"grouped convolution (groups={g}, {module.in_channels} -> "
+                f"{module.out_channels} channels): its input channels are already split into "
+                "other groups (or concatenated), so no permutation keeps both intact",
+            )  # fmt: skip
+            return Channels(FIXED, 1)
+        out = self.module_var(name)
+        out_parts = self.vars.split(out, (g, t), labels)
+        self.vars.union(out_parts[0], parts[0])
+        self.bind(f"{name}.weight", 0, out)
+        self.bind(f"{name}.weight", 1, parts[1])
+        if module.bias is not None:
+            self.bind(f"{name}.bias", 0, out)
+        return Channels(out, 1)
 
     def _channel_norm(self, name: str, module: nn.Module, x: Channels) -> Channels:
         """Per-channel parameters and running statistics follow the channel permutation."""

@@ -61,8 +61,9 @@ class _ChannelVariables:
     """Union-find over channel variables; the class of ``FIXED`` is never permuted.
 
     A variable may be *split* into attention heads: ``(heads, head_dims)`` sub-variables with
-    sizes ``(H, D)`` (a ``view`` of the channels into heads); it then stands for the grid
-    ``Grid((heads, head_dims), (H, D))`` and unifying two split variables unifies their parts.
+    sizes ``(H, D)`` (a ``view`` of the channels into heads), or into the groups of a grouped
+    convolution; it then stands for the grid ``Grid((heads, head_dims), (H, D))`` and unifying
+    two split variables unifies their parts.
     """
 
     def __init__(self) -> None:
@@ -106,14 +107,17 @@ class _ChannelVariables:
             self.splits[root] = parts[0]
         return self.find(root)
 
-    def split(self, var: int, sizes: tuple[int, int]) -> tuple[int, int] | None:
-        """The head parts of ``var`` (made on first use); ``None`` if it was split otherwise."""
+    def split(
+        self, var: int, sizes: tuple[int, int], labels: tuple[str, str] = ("heads", "head_dims")
+    ) -> tuple[int, int] | None:
+        """The (outer, inner) parts of ``var``, made on first use and named ``labels`` (heads,
+        or the groups of a grouped convolution); ``None`` if it was split otherwise."""
         root = self.find(var)
         if root == FIXED:
             return FIXED, FIXED
         if root not in self.splits:
             name = self.origin[root]
-            parts = (self.new(f"{name}.heads"), self.new(f"{name}.head_dims"))
+            parts = (self.new(f"{name}.{labels[0]}"), self.new(f"{name}.{labels[1]}"))
             self.splits[root] = (parts, sizes)
         parts, known = self.splits[root]
         return parts if known == sizes else None

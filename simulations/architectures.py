@@ -79,6 +79,29 @@ def _small_resnet(block_name: str) -> nn.Module:
     )  # fmt: skip
 
 
+def _small_resnext() -> nn.Module:
+    """torchvision's Bottleneck with 4 groups of 4 channels."""
+    from torchvision.models.resnet import Bottleneck
+
+    down = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        Bottleneck(16, 4, groups=4, base_width=64, downsample=nn.Sequential(
+            nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16))),
+        Bottleneck(16, 8, stride=2, groups=4, base_width=32, downsample=down),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+def _small_regnet() -> nn.Module:
+    from torchvision.models.regnet import BlockParams, RegNet
+
+    params = BlockParams.from_init_params(
+        depth=2, w_0=16, w_a=8.0, w_m=2.0, group_width=8, se_ratio=0.25
+    )
+    return RegNet(params, num_classes=10)
+
+
 def _small_mobilenet_v2() -> nn.Module:
     """torchvision's InvertedResidual blocks (MobileNetV2 fixes its last 1280 channels)."""
     from torchvision.models.mobilenetv2 import InvertedResidual
@@ -184,6 +207,14 @@ ARCHITECTURES: dict[str, Architecture] = {
         "torchvision", _tv("resnet50"), lambda: _small_resnet("Bottleneck"), IMAGE
     ),
     "vgg11_bn": Architecture("torchvision", _tv("vgg11_bn"), _small_vgg, IMAGE),
+    "resnext50_32x4d": Architecture(
+        "torchvision", _tv("resnext50_32x4d"), _small_resnext, IMAGE,
+        note="grouped convolutions (groups kept intact)",
+    ),
+    "regnet_y_400mf": Architecture(
+        "torchvision", _tv("regnet_y_400mf"), _small_regnet, IMAGE,
+        note="grouped convolutions, squeeze-excitation",
+    ),
     "mobilenet_v2": Architecture(
         "torchvision", _tv("mobilenet_v2"), _small_mobilenet_v2, IMAGE,
         note="depthwise convolutions",
@@ -225,15 +256,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 }  # fmt: skip
 
 REFUSED: dict[str, Refusal] = {
-    "regnet_y_400mf": Refusal(
-        _tv("regnet_y_400mf"), IMAGE,
-        r"module 'trunk_output\.block1\.block1-0\.f\.b\.0' \(Conv2d\): grouped convolution "
-        r"\(groups=6",
-    ),
-    "resnext50_32x4d": Refusal(
-        _tv("resnext50_32x4d"), IMAGE,
-        r"module 'layer1\.0\.conv2' \(Conv2d\): grouped convolution \(groups=32",
-    ),
     "shufflenet_v2_x0_5": Refusal(
         _tv("shufflenet_v2_x0_5"), IMAGE,
         r"module 'stage2\.0' \(InvertedResidual\), method \.view\(\): reshape from "

@@ -13,7 +13,7 @@ from torch import nn
 
 from rebasin.models import MLP, VGG, ResNet20
 from rebasin.permute import apply_permutation, random_perms
-from rebasin.spec import PermutationSpec, SpecError
+from rebasin.spec import Grid, PermutationSpec, SpecError
 from rebasin.trace import UnsupportedModelError, spec_from_module
 
 HAND_SPEC_MODELS = {
@@ -314,7 +314,11 @@ class ConcatSelf(nn.Module):
 @pytest.mark.parametrize(
     ("block", "message"),
     [
-        (nn.Conv2d(8, 4, 1, groups=2), r"module 'block' \(Conv2d\): grouped convolution \(grou"),
+        (
+            nn.Sequential(nn.Conv2d(8, 8, 1, groups=2), nn.Conv2d(8, 8, 1, groups=4)),
+            r"module 'block\.1' \(Conv2d\): grouped convolution \(groups=4, 8 -> 8 channels\): "
+            r"its input channels are already split into other groups",
+        ),
         (nn.GroupNorm(2, 8), r"module 'block' \(GroupNorm\): GroupNorm with 2 groups"),
         (SortChannels(), r"module 'block' \(SortChannels\), function torch\.sort: not known"),
         (SwapAxes(), r"module 'block' \(SwapAxes\), method \.transpose\(\): transpose of ch"),
@@ -456,3 +460,18 @@ def test_attention_on_tensors_not_split_into_heads_is_refused() -> None:
     message = r"scaled_dot_product_attention: attention needs q, k and v split into heads"
     with pytest.raises(UnsupportedModelError, match=message):
         spec_from_module(Unsplit(), example_input=torch.randn(2, 5, 4))
+
+
+def test_grouped_convolution_keeps_its_groups_intact() -> None:
+    """groups=2: whole groups move together (P_conv.groups) and the channels inside every group
+    alike (P_conv.in_group on the input, P_block.in_group on the output)."""
+    torch.manual_seed(0)
+    model = ConvThen(nn.Conv2d(8, 8, 3, padding=1, groups=2)).eval()
+    spec = spec_from_module(model)
+    assert spec.axes_to_perm["conv.weight"] == (
+        Grid(("P_conv.groups", "P_conv.in_group"), (2, 4)), None, None, None,
+    )  # fmt: skip
+    assert spec.axes_to_perm["block.weight"] == (
+        Grid(("P_conv.groups", "P_block.in_group"), (2, 4)), "P_conv.in_group", None, None,
+    )  # fmt: skip
+    _assert_function_preserved(model, spec, torch.randn(2, 3, 8, 8))
