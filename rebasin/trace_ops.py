@@ -140,6 +140,8 @@ class TensorOps(ModuleRules):
         while k < len(out_shape) and prefix < before:
             prefix *= out_shape[k]
             k += 1
+        while k < len(out_shape) - 1 and out_shape[k] == 1:
+            k += 1  # size-1 dims (a batch of 1, an unsqueeze) come before the channels
         if prefix == before and k < len(out_shape):
             size = out_shape[k]
             if size == channels:
@@ -326,6 +328,8 @@ class TensorOps(ModuleRules):
         while k < len(out_shape) and prefix < before:
             prefix *= out_shape[k]
             k += 1
+        while k < len(out_shape) - 1 and out_shape[k] == 1:
+            k += 1  # size-1 dims (a batch of 1, an unsqueeze) come before the channels
         ok = inner == dim + 1 and prefix == before and k < len(out_shape)
         if ok and out_shape[k] == merged:
             return Channels(x.var, k)

@@ -181,6 +181,12 @@ def _small_vit() -> nn.Module:
     )
 
 
+def _small_swin() -> nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer([4, 4], 16, [1, 1], [2, 2], [4, 4], num_classes=10)
+
+
 def _encoder(dim: int, layers: int) -> nn.Module:
     layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True)
     return nn.Sequential(nn.Linear(6, dim), nn.TransformerEncoder(layer, layers), nn.Linear(dim, 3))
@@ -240,6 +246,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "vit_b_16": Architecture(
         "torchvision", _tv("vit_b_16", image_size=32), _small_vit, (2, 3, 32, 32),
         note="nn.MultiheadAttention (heads), class token, position embedding",
+    ),
+    "swin_t": Architecture(
+        "torchvision", _tv("swin_t"), _small_swin, IMAGE,
+        note="partly: its window attention calls F.linear on the weights, which pins the "
+        "residual stream; only the MLP units move",
     ),
     "TransformerEncoder": Architecture(
         "torch", lambda: _encoder(64, 2), lambda: _encoder(32, 2), (2, 5, 6),

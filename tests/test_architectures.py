@@ -185,3 +185,10 @@ def test_flower_quickstart_view_names_the_remedy() -> None:
     assert spec.perm_names == ["P_conv1", "P_conv2", "P_fc1", "P_fc2"]
     assert spec.axes_to_perm["fc1.weight"] == ("P_fc1", "P_conv2")
     assert permuted_output_error(model.eval(), spec, x) <= 1e-5
+
+
+def test_a_batch_of_one_does_not_confuse_reshapes() -> None:
+    """With N = 1, reshapes have leading dims of size 1 that match any prefix."""
+    model = randomize(ViT(width=0.5, depth=1))
+    spec = spec_from_module(model, example_input=torch.randn(1, 1, 28, 28))
+    assert spec.canonical() == model.permutation_spec().canonical()
