@@ -12,6 +12,8 @@ on this machine.
 from __future__ import annotations
 
 import copy
+import datetime
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -313,8 +315,11 @@ def permuted_output_error(model: nn.Module, spec: PermutationSpec, x: torch.Tens
 def main() -> None:
     """Print the README's table of supported architectures (trace times on this machine)."""
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # trace times comparable between runs on a shared machine
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        f"{stamp}; {platform.machine()}, {os.cpu_count()} cores, 1 torch thread; "
+        f"torch {torch.__version__}"
     )
     print("| model | kind | status | permutations | trace (s) | rel. error | what it needs |")
     print("|---|---|---|---|---|---|---|")
