@@ -35,6 +35,16 @@ from simulations.architectures import (
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torchvision init warnings
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_for_this_module():
+    """Small tensors: with one torch thread this file ran in 22 s, with two in 114 s (2-core
+    project machine, 2026-12-01)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_random_permutation_of_the_traced_spec_keeps_the_outputs(
     name: str, record_property
