@@ -31,6 +31,7 @@ from rebasin.permute import (
     Perms,
     apply_permutation,
     identity_perms,
+    lower_state_dicts,
     permute_axis,
     validate_state_dict,
 )
@@ -254,6 +255,8 @@ class _MatchContext:
             spec.check(reference)
             validate_state_dict(other, reference, name="model to align")
             validate_state_dict(reference, reference, name="reference model")
+        # Concat and Grid axes: match over their pieces, each a plain tensor (rebasin.spec).
+        spec, (reference, other) = lower_state_dicts(spec, reference, other)
         self.spec = spec
         self.max_iter = max_iter
         self.device = torch.device(device) if device is not None else _device_of(reference)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 # The zoo's models (rebasin.zoo.build_model builds each).
-ModelName = Literal["mlp", "vgg", "resnet20"]
+ModelName = Literal["mlp", "vgg", "resnet20", "vit"]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 
 # The data sets rebasin.data loads.

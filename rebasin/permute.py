@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from rebasin.spec import PermutationSpec, SpecError, StateDict
+from rebasin.spec import PermutationSpec, SpecError, StateDict, join_pieces, split_pieces
 
 Perms = dict[str, torch.Tensor]
 
@@ -41,6 +41,8 @@ def apply_permutation(
     missing = sorted(set(spec.perm_to_axes) - set(perms))
     if missing:
         raise SpecError(f"no permutation given for {missing}")
+    if not spec.is_plain:
+        return _apply_structured(spec, perms, state_dict, except_perm)
     out: StateDict = {}
     for key, tensor in state_dict.items():
         for axis, perm in enumerate(spec.axes_to_perm.get(key, ())):
@@ -48,6 +50,37 @@ def apply_permutation(
                 tensor = permute_axis(tensor, axis, perms[perm])
         out[key] = tensor
     return out
+
+
+def lower_state_dicts(
+    spec: PermutationSpec, *state_dicts: Mapping[str, torch.Tensor]
+) -> tuple[PermutationSpec, list[StateDict]]:
+    """The plain spec over pieces (:meth:`PermutationSpec.lower`) and each state dict cut into
+    those pieces; a plain spec and the state dicts themselves when nothing is structured."""
+    if spec.is_plain:
+        return spec, [dict(sd) for sd in state_dicts]
+    present = {k: v for k, v in spec.axes_to_perm.items() if k in state_dicts[0]}
+    plain, pieces = PermutationSpec(present).lower(
+        {k: tuple(t.shape) for k, t in state_dicts[0].items()}
+    )
+    return plain, [split_pieces(pieces, sd) for sd in state_dicts]
+
+
+def _apply_structured(
+    spec: PermutationSpec,
+    perms: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor],
+    except_perm: str | None,
+) -> StateDict:
+    """Apply a spec with Concat/Grid axes: permute its pieces as plain axes, then rejoin."""
+    present = {k: v for k, v in spec.axes_to_perm.items() if k in state_dict}
+    plain, pieces = PermutationSpec(present).lower(
+        {k: tuple(t.shape) for k, t in state_dict.items()}
+    )
+    permuted = apply_permutation(
+        plain, perms, split_pieces(pieces, state_dict), except_perm=except_perm
+    )
+    return join_pieces(pieces, permuted, state_dict)
 
 
 def identity_perms(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor]) -> Perms:

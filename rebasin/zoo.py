@@ -14,6 +14,7 @@ from torch import nn
 
 from rebasin.models import MLP, VGG, ResNet20
 from rebasin.names import MODEL_NAMES, NormKind
+from rebasin.transformers import ViT
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ DATASET_GEOMETRY: dict[str, InputGeometry] = {
 # The convolutional models are the paper's CIFAR models: VGG-11 halves the image five times
 # and ResNet-20's stem takes RGB, so both need 3 x 32 x 32 inputs.
 _CONV_INPUT = (3, 32, 32)
+CONV_MODELS = ("vgg", "resnet20")
+# The ViT cuts images into patches of this size; both datasets' images are multiples of it.
+VIT_PATCH = 4
 
 
 def dataset_geometry(dataset: str) -> InputGeometry:
@@ -55,16 +59,22 @@ def dataset_geometry(dataset: str) -> InputGeometry:
 def check_model_fits_dataset(name: str, dataset: str) -> None:
     """Raise ``ValueError`` unless model ``name`` can take ``dataset``'s images.
 
-    The MLP takes any image size; VGG and ResNet-20 need 3 x 32 x 32 images.
+    The MLP takes any image size, the ViT any multiple of its patch size; VGG and ResNet-20
+    need 3 x 32 x 32 images.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
     geometry = dataset_geometry(dataset)
     shape = (geometry.channels, geometry.height, geometry.width)
-    if name != "mlp" and shape != _CONV_INPUT:
+    if name in CONV_MODELS and shape != _CONV_INPUT:
         raise ValueError(
             f"model {name!r} needs 3x32x32 images, but dataset {dataset!r} has "
-            f"{'x'.join(map(str, shape))}; use model 'mlp' for {dataset!r}"
+            f"{'x'.join(map(str, shape))}; use model 'mlp' or 'vit' for {dataset!r}"
+        )
+    if name == "vit" and (geometry.height % VIT_PATCH or geometry.width % VIT_PATCH):
+        raise ValueError(
+            f"model 'vit' needs images whose sides are multiples of {VIT_PATCH}, but dataset "
+            f"{dataset!r} has {geometry.height}x{geometry.width}"
         )
 
 
@@ -81,15 +91,15 @@ def build_model(
     Parameters
     ----------
     name
-        ``"mlp"`` (three hidden layers of 512 x ``width``), ``"vgg"`` (VGG-11) or
-        ``"resnet20"``.
+        ``"mlp"`` (three hidden layers of 512 x ``width``), ``"vgg"`` (VGG-11),
+        ``"resnet20"`` or ``"vit"`` (a 4-block ViT of width 64 x ``width``, 4 heads).
     dataset
         ``"mnist"`` or ``"cifar10"``: sets the input size and the number of classes.
     width
         Width multiplier of the hidden layers, > 0.
     norm
         Normalisation of the convolutional models (``"batch"``, ``"layer"``, ``"none"``);
-        ignored by the MLP, which has none.
+        ignored by the MLP, which has none, and the ViT (LayerNorm).
     seed
         Seeds the initial weights without touching the global random state; ``None`` draws
         them from the global generator.
@@ -111,4 +121,12 @@ def build_model(
             return MLP(geometry.features, num_classes=geometry.num_classes, width=width)
         if name == "vgg":
             return VGG(num_classes=geometry.num_classes, width=width, norm=norm)
+        if name == "vit":
+            return ViT(
+                geometry.channels,
+                geometry.height,
+                num_classes=geometry.num_classes,
+                width=width,
+                patch=VIT_PATCH,
+            )
         return ResNet20(num_classes=geometry.num_classes, width=width, norm=norm)

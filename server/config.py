@@ -16,6 +16,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from rebasin.data import resolve_data_dir
 from rebasin.names import ReferenceName
+from rebasin.zoo import CONV_MODELS
 from strategies.core import DEFAULT_MAX_NORM_RATIO
 from strategies.run_config import TrainingConfig
 
@@ -85,8 +86,10 @@ class ServerConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _bn_recalibration_needs_batchnorm(self) -> Self:
-        if self.bn_recalibration and (self.model == "mlp" or self.norm != "batch"):
-            has = "has no normalisation" if self.model == "mlp" else f"uses norm {self.norm!r}"
+        if self.bn_recalibration and (self.model not in CONV_MODELS or self.norm != "batch"):
+            has = {"mlp": "has no normalisation", "vit": "uses LayerNorm"}.get(
+                self.model, f"uses norm {self.norm!r}"
+            )
             raise ValueError(
                 f"'bn-recalibration' = True needs a model with BatchNorm, but model "
                 f"{self.model!r} {has}; set 'bn-recalibration' = false or use "

@@ -171,7 +171,7 @@ def simulate(
     ] = "us-eu",
     dataset: DatasetOption = "mnist",
     model: Annotated[
-        str, typer.Option(help="mlp (any dataset), vgg or resnet20 (cifar10)")
+        str, typer.Option(help="mlp or vit (any dataset), vgg or resnet20 (cifar10)")
     ] = "mlp",
     width: Annotated[float, typer.Option(help="width multiplier (mlp: 512 x width units)")] = 1.0,
     norm: NormOption = "batch",

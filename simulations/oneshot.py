@@ -24,6 +24,7 @@ from torch import nn
 
 from rebasin.data import LabeledData, load_dataset
 from rebasin.merge import average, interpolation_curve, merge_many
+from rebasin.names import DatasetName, ModelName, NormKind
 from rebasin.norm import (
     batchnorm_stats,
     combine_batchnorm_stats,
@@ -34,7 +35,8 @@ from rebasin.norm import (
 from rebasin.partition import dirichlet_split, pathological_split, region_split
 from rebasin.spec import PermutationSpec, StateDict
 from rebasin.train import evaluate, predict_logits, train
-from rebasin.zoo import build_model
+from rebasin.transformers import is_head_perm, stream_only
+from rebasin.zoo import CONV_MODELS, build_model, check_model_fits_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +48,10 @@ class OneShotConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dataset: Literal["mnist", "cifar10"] = "mnist"
-    model: Literal["mlp", "vgg", "resnet20"] = "mlp"
+    dataset: DatasetName = "mnist"
+    model: ModelName = "mlp"
     width: float = Field(1.0, gt=0)
-    norm: Literal["batch", "layer", "none"] = "batch"
+    norm: NormKind = "batch"
     partition: Partition = "region"
     num_clients: int = Field(2, ge=1)
     own_fraction: float = Field(0.8, gt=0, le=1)
@@ -69,8 +71,9 @@ class OneShotConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> OneShotConfig:
-        if self.model != "mlp" and self.dataset == "mnist":
+        if self.model in CONV_MODELS and self.dataset == "mnist":
             raise ValueError(f"model {self.model!r} needs 3x32x32 images; use mlp for mnist")
+        check_model_fits_dataset(self.model, self.dataset)
         return self
 
 
@@ -174,6 +177,9 @@ def run_oneshot(
         aligned_states[:] = _align_to(spec, states, largest, seed, cfg.max_iter)
         return average(aligned_states, sizes)
 
+    # Transformers: also re-basin over the residual stream and MLP units only (no heads).
+    stream = stream_only(spec) if any(is_head_perm(p) for p in spec.perm_names) else None
+
     aligned_states: list[StateDict] = []
     merged: dict[str, StateDict] = {
         "naive": timed("naive", lambda: average(states, sizes)),
@@ -183,6 +189,11 @@ def run_oneshot(
             lambda: merge_many(spec, states, sizes, seed=seed, max_iter=cfg.max_iter),
         ),
     }
+    if stream is not None:
+        merged["rebasin-stream"] = timed(
+            "rebasin-stream",
+            lambda: average(_align_to(stream, states, largest, seed, cfg.max_iter), sizes),
+        )
     models = {name: _load(template, sd) for name, sd in merged.items()}
     # Activation repair. BatchNorm: statistics pooled from per-client moments, as the
     # federated recalibration does. Without BatchNorm: REPAIR against the aligned clients.
@@ -194,7 +205,8 @@ def run_oneshot(
         if has_batchnorm(model):
             stats = [batchnorm_stats(model, ld, cfg.repair_batches) for ld in repair_loaders]
             models[f"{base}+bn-reset"] = load_batchnorm_stats(model, combine_batchnorm_stats(stats))
-        elif base == "rebasin":
+        elif base == "rebasin" and stream is None:
+            # REPAIR measures Linear/Conv outputs as (N, C, ...) maps: not for transformers.
             aligned = [_load(template, sd) for sd in aligned_states]
             pooled = train_set.subset(np.concatenate(shards)).loader(
                 cfg.batch_size, shuffle=True, seed=seed
@@ -276,6 +288,10 @@ def _interpolation(
         "naive": interpolation_curve(a, b, evaluator(False), lambdas),
         "rebasin": interpolation_curve(a, b_aligned, evaluator(False), lambdas),
     }
+    if any(is_head_perm(p) for p in spec.perm_names):
+        stream = stream_only(spec)
+        b_stream, _ = ReferenceAligner(stream, a, max_iter=cfg.max_iter).align(b, seed=seed)
+        curves["rebasin-stream"] = interpolation_curve(a, b_stream, evaluator(False), lambdas)
     if has_batchnorm(template):
         curves["rebasin+bn-reset"] = interpolation_curve(a, b_aligned, evaluator(True), lambdas)
     return {

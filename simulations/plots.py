@@ -30,6 +30,7 @@ DPI = 100
 CURVE_STYLE = {
     "naive": {"color": "tab:red", "label": "naive averaging"},
     "rebasin": {"color": "tab:blue", "label": "re-basin"},
+    "rebasin-stream": {"color": "tab:orange", "label": "re-basin, residual stream + MLP only"},
     "rebasin+bn-reset": {"color": "tab:green", "label": "re-basin + BN reset"},
 }
 # Bar colours of the per-class plot: merged models as in the curves, clients in muted tones.
@@ -37,6 +38,7 @@ MODEL_COLORS = {
     "naive": "tab:red",
     "rebasin": "tab:blue",
     "merge-many": "tab:cyan",
+    "rebasin-stream": "tab:orange",
     "rebasin+bn-reset": "tab:green",
     "rebasin+repair": "tab:green",
     "ensemble": "tab:purple",

@@ -19,6 +19,8 @@ METHOD_NOTES: dict[str, str] = {
     "naive": "weighted average of the client models as they are (FedAvg's merge)",
     "rebasin": "clients permuted into the largest client's basin by weight matching, averaged",
     "merge-many": "re-basin MergeMany: every model matched against the mean of the others",
+    "rebasin-stream": "re-basin over the residual stream and MLP units only (attention heads "
+    "and the dimensions inside them left in place)",
     "naive+bn-reset": "naive average with BatchNorm statistics pooled from the clients' data",
     "rebasin+bn-reset": "re-basin with BatchNorm statistics pooled from the clients' data",
     "rebasin+repair": "re-basin with REPAIR (activation statistics of the aligned clients)",

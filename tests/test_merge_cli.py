@@ -264,7 +264,7 @@ def test_an_option_that_contradicts_the_metadata_is_named(
     [
         ("width", "wide", "metadata width 'wide' is not a number > 0"),
         ("width", "0", "metadata width '0' is not a number > 0"),
-        ("model", "bert", "metadata model 'bert' is not one of mlp, vgg, resnet20"),
+        ("model", "bert", "metadata model 'bert' is not one of mlp, vgg, resnet20, vit"),
     ],
 )
 def test_bad_metadata_is_named(tmp_path: Path, key: str, value: str, message: str) -> None:

@@ -97,7 +97,7 @@ def test_kebab_keys_map_to_fields_and_ints_are_accepted_for_floats() -> None:
         (
             {"model": "vgg"},
             "invalid run-config: model 'vgg' needs 3x32x32 images, but dataset 'mnist' has "
-            "1x28x28; use model 'mlp' for 'mnist'",
+            "1x28x28; use model 'mlp' or 'vit' for 'mnist'",
         ),
         (
             {"bn-recalibration": True},
@@ -282,13 +282,17 @@ def test_build_model_leaves_the_global_random_state_alone() -> None:
 @pytest.mark.parametrize(
     ("name", "dataset", "message"),
     [
-        ("lenet", "mnist", "unknown model 'lenet'; expected one of ('mlp', 'vgg', 'resnet20')"),
+        (
+            "lenet",
+            "mnist",
+            "unknown model 'lenet'; expected one of ('mlp', 'vgg', 'resnet20', 'vit')",
+        ),
         ("mlp", "svhn", "unknown dataset 'svhn'; expected one of ('mnist', 'cifar10')"),
         (
             "resnet20",
             "mnist",
             "model 'resnet20' needs 3x32x32 images, but dataset 'mnist' has 1x28x28; use "
-            "model 'mlp' for 'mnist'",
+            "model 'mlp' or 'vit' for 'mnist'",
         ),
     ],
 )

@@ -455,3 +455,22 @@ def test_download_flag_fetches_both_splits_before_the_run(monkeypatch, tmp_path)
     )
     assert isinstance(result.exception, Fetched)
     assert result.exception.args == ("mnist", tmp_path)
+
+
+def test_vit_one_shot_also_merges_over_the_residual_stream_only(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """``--model vit``: re-basin with heads (``rebasin``) and without (``rebasin-stream``),
+    both merged and on the interpolation path; no REPAIR (it measures conv-style maps)."""
+    out = tmp_path / "vit"
+    args = [a if a != "mlp" else "vit" for a in TINY] + [
+        "--seeds", "0", "--no-centralized", "--data-dir", str(data_dir), "--out", str(out),
+    ]  # fmt: skip
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "results.json").read_text())["one_shot"]["runs"][0]
+    assert list(run["methods"]) == [
+        "naive", "rebasin", "merge-many", "rebasin-stream", "ensemble",
+    ]  # fmt: skip
+    assert list(run["interpolation"]) == ["naive", "rebasin", "rebasin-stream"]
+    assert (out / "interpolation.png").read_bytes().startswith(PNG_SIGNATURE)

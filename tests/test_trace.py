@@ -13,7 +13,7 @@ from torch import nn
 
 from rebasin.models import MLP, VGG, ResNet20
 from rebasin.permute import apply_permutation, random_perms
-from rebasin.spec import PermutationSpec, SpecError
+from rebasin.spec import Grid, PermutationSpec, SpecError
 from rebasin.trace import UnsupportedModelError, spec_from_module
 
 HAND_SPEC_MODELS = {
@@ -303,7 +303,7 @@ class SortChannels(nn.Module):
 
 class SwapAxes(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.transpose(1, 3) + x.mT
+        return x.transpose(1, 3)
 
 
 class ConcatSelf(nn.Module):
@@ -314,12 +314,15 @@ class ConcatSelf(nn.Module):
 @pytest.mark.parametrize(
     ("block", "message"),
     [
-        (nn.Conv2d(8, 8, 3, groups=8), r"module 'block' \(Conv2d\): grouped/depthwise .*groups=8"),
-        (nn.Conv2d(8, 4, 1, groups=2), r"module 'block' \(Conv2d\): grouped/depthwise .*groups=2"),
+        (
+            nn.Sequential(nn.Conv2d(8, 8, 1, groups=2), nn.Conv2d(8, 8, 1, groups=4)),
+            r"module 'block\.1' \(Conv2d\): grouped convolution \(groups=4, 8 -> 8 channels\): "
+            r"its input channels are already split into other groups",
+        ),
         (nn.GroupNorm(2, 8), r"module 'block' \(GroupNorm\): GroupNorm with 2 groups"),
         (SortChannels(), r"module 'block' \(SortChannels\), function torch\.sort: not known"),
-        (SwapAxes(), r"module 'block' \(SwapAxes\), method \.transpose\(\): not known"),
-        (ConcatSelf(), r"module 'block' \(ConcatSelf\), function torch\.cat: concatenation"),
+        (SwapAxes(), r"module 'block' \(SwapAxes\), method \.transpose\(\): transpose of ch"),
+        (ConcatSelf(), r"module 'block' \(ConcatSelf\), function torch\.cat: concatenation of p"),
         (nn.Softmax(dim=2), r"module 'block' \(Softmax\): not known to be permutation-equ"),
         (nn.Linear(6, 6), r"module 'block' \(Linear\): input channels not on last dim"),
         (nn.LayerNorm([6, 6]), r"module 'block' \(LayerNorm\): LayerNorm must normalise only"),
@@ -337,21 +340,6 @@ def test_any_op_on_channels_fixed_by_the_output_is_allowed() -> None:
     spec = spec_from_module(model)
     assert spec.perm_names == []
     assert set(spec.axes_to_perm) == {"0.weight", "0.bias", "1.weight", "1.bias"}
-
-
-def test_attention_raises() -> None:
-    class Attention(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(4, 8)
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = self.fc(x)
-            return self.attn(h, h, h)[0]
-
-    with pytest.raises(UnsupportedModelError, match=r"module 'attn' \(MultiheadAttention\)"):
-        spec_from_module(Attention())
 
 
 def test_sequence_features_need_example_input_for_batch_norm() -> None:
@@ -400,3 +388,90 @@ def test_reused_module_and_tied_parameters_share_one_permutation() -> None:
     assert spec.axes_to_perm["shared.weight"] == ("P_fc0", "P_fc0")
     assert spec.axes_to_perm["fc2.bias"] == ("P_fc0",)
     _assert_function_preserved(model, spec, torch.randn(3, 4))
+
+
+class ChannelsLastBlock(nn.Module):
+    """ConvNeXt's pattern: depthwise conv, permute to channels-last, LayerNorm and an MLP over
+    channels, permute back, layer scale ``(C, 1, 1)``, residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.ln = nn.LayerNorm(8)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(self.ln(y)))).permute(0, 3, 1, 2)
+        x = x + self.gamma * y
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_channels_last_layer_norm_and_layer_scale_follow_the_channels() -> None:
+    torch.manual_seed(0)
+    model = _randomize_norms(ChannelsLastBlock())
+    x = torch.randn(2, 3, 6, 6)
+    spec = spec_from_module(model, example_input=x)
+    assert spec.perm_names == ["P_fc1", "P_stem"]
+    assert spec.axes_to_perm["dw.weight"] == ("P_stem", None, None, None)
+    assert spec.axes_to_perm["ln.weight"] == ("P_stem",)
+    assert spec.axes_to_perm["fc1.weight"] == ("P_fc1", "P_stem")
+    assert spec.axes_to_perm["gamma"] == ("P_stem", None, None)
+    assert spec.axes_to_perm["head.weight"] == (None, "P_stem")
+    _assert_function_preserved(model, spec, x)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        scale = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(scale * x, 1), 1))
+
+
+def test_squeeze_excitation_gate_carries_the_channels_permutation() -> None:
+    torch.manual_seed(0)
+    model = SqueezeExcite().eval()
+    spec = spec_from_module(model)
+    assert spec.perm_names == ["P_conv", "P_fc1"]
+    assert spec.axes_to_perm["fc2.weight"] == ("P_conv", "P_fc1", None, None)
+    _assert_function_preserved(model, spec, torch.randn(2, 3, 8, 8))
+
+
+def test_attention_on_tensors_not_split_into_heads_is_refused() -> None:
+    class Unsplit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = self.q(x)
+            return self.head(F.scaled_dot_product_attention(q, q, q))
+
+    message = r"scaled_dot_product_attention: attention needs q, k and v split into heads"
+    with pytest.raises(UnsupportedModelError, match=message):
+        spec_from_module(Unsplit(), example_input=torch.randn(2, 5, 4))
+
+
+def test_grouped_convolution_keeps_its_groups_intact() -> None:
+    """groups=2: whole groups move together (P_conv.groups) and the channels inside every group
+    alike (P_conv.in_group on the input, P_block.in_group on the output)."""
+    torch.manual_seed(0)
+    model = ConvThen(nn.Conv2d(8, 8, 3, padding=1, groups=2)).eval()
+    spec = spec_from_module(model)
+    assert spec.axes_to_perm["conv.weight"] == (
+        Grid(("P_conv.groups", "P_conv.in_group"), (2, 4)), None, None, None,
+    )  # fmt: skip
+    assert spec.axes_to_perm["block.weight"] == (
+        Grid(("P_conv.groups", "P_block.in_group"), (2, 4)), "P_conv.in_group", None, None,
+    )  # fmt: skip
+    _assert_function_preserved(model, spec, torch.randn(2, 3, 8, 8))
