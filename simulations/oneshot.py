@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from rich.progress import Progress
 from torch import nn
 
@@ -32,17 +32,22 @@ from rebasin.norm import (
     repair,
 )
 from rebasin.partition import dirichlet_split, pathological_split, region_split
+from rebasin.recipe import resolve
 from rebasin.spec import PermutationSpec, StateDict
 from rebasin.train import evaluate, predict_logits, train
 from rebasin.zoo import build_model
+from simulations.training_options import TrainingOptions
 
 logger = logging.getLogger(__name__)
 
 Partition = Literal["region", "dirichlet", "pathological"]
 
 
-class OneShotConfig(BaseModel):
-    """Settings of a one-shot experiment (validated; every field is in the results JSON)."""
+class OneShotConfig(TrainingOptions):
+    """Settings of a one-shot experiment (validated; every field is in the results JSON).
+
+    The training recipe's fields come from :class:`~simulations.training_options.TrainingOptions`.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -140,7 +145,10 @@ def run_oneshot(
     def fresh(init_seed: int) -> nn.Module:
         return build_model(cfg.model, cfg.dataset, width=cfg.width, norm=cfg.norm, seed=init_seed)
 
+    recipe = cfg.recipe()
+
     def fit(model: nn.Module, data: LabeledData, name: str, loader_seed: int) -> nn.Module:
+        start = time.perf_counter()
         train(
             model,
             data.loader(cfg.batch_size, shuffle=True, seed=loader_seed),
@@ -150,8 +158,13 @@ def run_oneshot(
             weight_decay=cfg.weight_decay,
             progress=progress,
             description=f"seed {seed}: {name}",
+            recipe=recipe,
+            seed=loader_seed,
         )
+        train_seconds[name] = time.perf_counter() - start
         return model
+
+    train_seconds: dict[str, float] = {}
 
     clients = [
         fit(fresh(1000 * seed + i), train_set.subset(idx), f"client {i}", 1000 * seed + i)
@@ -211,6 +224,8 @@ def run_oneshot(
         "clients": [model_metrics(m, test_set, cfg.batch_size) for m in clients],
         "methods": {name: model_metrics(m, test_set, cfg.batch_size) for name, m in models.items()},
         "merge_seconds": timings,
+        "training": resolve(recipe, "cpu", cfg.optimizer, cfg.lr).as_dict(),
+        "train_seconds": train_seconds,
     }
     logits = [predict_logits(m, test_set.loader(cfg.batch_size)) for m in clients]
     mean_logits = sum(w * lg for w, (lg, _) in zip(sizes, logits)) / sum(sizes)
