@@ -145,3 +145,18 @@ def predict_logits(model: nn.Module, loader: Iterable) -> tuple[torch.Tensor, to
         logits.append(model(x.to(device)).cpu())
         labels.append(y)
     return torch.cat(logits), torch.cat(labels)
+
+
+def logit_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """``{"loss", "accuracy", "per_class_accuracy"}`` of ``logits`` against ``labels``.
+
+    Mean cross-entropy, accuracy in [0, 1], and per class the accuracy on that class's
+    examples (NaN for a class with no example).
+    """
+    loss = float(nn.functional.cross_entropy(logits, labels))
+    hit = logits.argmax(1) == labels
+    per_class = [
+        float(hit[labels == c].float().mean()) if bool((labels == c).any()) else float("nan")
+        for c in range(num_classes)
+    ]
+    return {"loss": loss, "accuracy": float(hit.float().mean()), "per_class_accuracy": per_class}

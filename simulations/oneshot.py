@@ -34,7 +34,7 @@ from rebasin.norm import (
 from rebasin.partition import dirichlet_split, pathological_split, region_split
 from rebasin.recipe import resolve
 from rebasin.spec import PermutationSpec, StateDict
-from rebasin.train import evaluate, predict_logits, train
+from rebasin.train import evaluate, logit_metrics, predict_logits, train
 from rebasin.zoo import build_model
 from simulations.training_options import TrainingOptions
 
@@ -92,21 +92,6 @@ def model_metrics(model: nn.Module, test: LabeledData, batch_size: int) -> dict:
     """Test loss, accuracy and per-class accuracy of ``model`` (see :func:`logit_metrics`)."""
     logits, labels = predict_logits(model, test.loader(batch_size))
     return logit_metrics(logits, labels, test.num_classes)
-
-
-def logit_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """``{"loss", "accuracy", "per_class_accuracy"}`` of ``logits`` against ``labels``.
-
-    Mean cross-entropy, accuracy in [0, 1], and per class the accuracy on that class's
-    examples (NaN for a class with no example).
-    """
-    loss = float(nn.functional.cross_entropy(logits, labels))
-    hit = logits.argmax(1) == labels
-    per_class = [
-        float(hit[labels == c].float().mean()) if bool((labels == c).any()) else float("nan")
-        for c in range(num_classes)
-    ]
-    return {"loss": loss, "accuracy": float(hit.float().mean()), "per_class_accuracy": per_class}
 
 
 def _load(template: nn.Module, state_dict: StateDict) -> nn.Module:
