@@ -169,11 +169,13 @@ def repair(
 ) -> nn.Module:
     """REPAIR (in place): give each hidden unit of ``merged`` the interpolated statistics.
 
-    For every Linear/Conv layer with a bias except the last, the target mean and standard
+    For every Linear/Conv layer with a bias except the last, and every GroupNorm (the
+    models' LayerNorm) with an affine weight and bias, the target mean and standard
     deviation of each output unit are the ``weights``-average of the (aligned) endpoints'
     ones; the correction ``y -> (y - mu_merged) * std_target / std_merged + mu_target`` is
     folded into the weight and bias. Layers are repaired in forward order, each measured
-    after the ones before it were fixed.
+    after the ones before it were fixed. (Convolutions followed by a LayerNorm have no bias:
+    the norm's affine parameters are the place to fold the correction.)
     """
     if not endpoints:
         raise ValueError("repair needs at least one endpoint model")
@@ -182,7 +184,7 @@ def repair(
     layers = [
         name
         for name, m in merged.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m.bias is not None
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm)) and m.bias is not None
     ][:-1]
     for name in layers:
         targets = [channel_moments(m, name, loader, num_batches) for m in endpoints]

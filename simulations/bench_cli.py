@@ -42,14 +42,58 @@ def register(app: typer.Typer) -> None:
         trained_mlp: Annotated[
             bool, typer.Option(help="also time the MLP with trained weights (needs MNIST)")
         ] = True,
+        train_throughput: Annotated[
+            bool,
+            typer.Option(
+                "--train-throughput",
+                help="instead: training images/s, the original loop against the CIFAR-10 "
+                "loop (VGG-11 x0.25, x0.5 BN, ResNet-20 x1; synthetic batches)",
+            ),
+        ] = False,
+        throughput_steps: Annotated[
+            int, typer.Option(min=1, help="--train-throughput: timed steps per timing")
+        ] = 30,
+        throughput_warmup: Annotated[
+            int, typer.Option(min=0, help="--train-throughput: untimed steps before each timing")
+        ] = 3,
+        throughput_batch: Annotated[
+            int, typer.Option(min=1, help="--train-throughput: batch size")
+        ] = 128,
+        force_bf16: Annotated[
+            bool,
+            typer.Option(
+                "--force-bf16", help="--train-throughput: also time bf16 where only emulated"
+            ),
+        ] = False,
+        threads: Annotated[
+            int | None, typer.Option(min=1, help="torch CPU threads (default: torch's)")
+        ] = None,
     ) -> None:
-        """Time weight matching (engine vs textbook) and server merges of N clients."""
+        """Time weight matching (engine vs textbook) and server merges of N clients.
+
+        With --train-throughput: time training instead (train_throughput.json and .md).
+        """
         import torch
 
         from simulations.bench import run_benchmark
 
         if device == "cuda" and not torch.cuda.is_available():
             raise typer.BadParameter("no CUDA device here", param_hint="--device")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if train_throughput:
+            from simulations.bench_train import run_train_throughput
+
+            run_train_throughput(
+                out,
+                steps=throughput_steps,
+                warmup=throughput_warmup,
+                batch_size=throughput_batch,
+                repeats=repeats,
+                device=device,
+                force_bf16=force_bf16,
+            )
+            return
         run_benchmark(
             out,
             widths,

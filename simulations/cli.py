@@ -31,14 +31,21 @@ import typer
 from typer.core import TyperCommand
 
 from simulations.settings import (
+    AugmentOption,
     BatchSizeOption,
+    Bf16Option,
+    ChannelsLastOption,
     DataDirOption,
     DatasetOption,
+    LabelSmoothingOption,
     LearningRateOption,
     LimitPerClassOption,
     MaxIterOption,
+    MaxLrOption,
+    NesterovOption,
     NormOption,
     OptimizerOption,
+    ScheduleOption,
     TestLimitPerClassOption,
     ThreadsOption,
     VerboseOption,
@@ -115,6 +122,8 @@ _FLAG_OF = {
     "limit_per_class": "--limit-per-class",
     "test_limit_per_class": "--test-limit-per-class",
     "independent_start": "--independent-start/--shared-start",
+    "augment": "--augment/--no-augment",
+    "channels_last": "--channels-last/--no-channels-last",
 }
 
 
@@ -193,6 +202,13 @@ def simulate(
     optimizer: OptimizerOption = "sgd",
     weight_decay: Annotated[float, typer.Option(help="weight decay (one-shot training)")] = 5e-4,
     batch_size: BatchSizeOption = 128,
+    augment: AugmentOption = None,
+    label_smoothing: LabelSmoothingOption = 0.0,
+    schedule: ScheduleOption = None,
+    max_lr: MaxLrOption = None,
+    nesterov: NesterovOption = False,
+    channels_last: ChannelsLastOption = None,
+    bf16: Bf16Option = None,
     limit_per_class: LimitPerClassOption = None,
     test_limit_per_class: TestLimitPerClassOption = None,
     centralized: Annotated[
@@ -267,6 +283,13 @@ def simulate(
             optimizer=optimizer,
             weight_decay=weight_decay,
             batch_size=batch_size,
+            augment=augment,
+            label_smoothing=label_smoothing,
+            schedule=schedule,
+            max_lr=max_lr,
+            nesterov=nesterov,
+            channels_last=channels_last,
+            bf16=bf16,
             limit_per_class=limit_per_class,
             test_limit_per_class=test_limit_per_class,
             centralized=centralized,

@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from rich.progress import Progress
 from torch import nn
 
@@ -33,18 +33,23 @@ from rebasin.norm import (
     repair,
 )
 from rebasin.partition import dirichlet_split, pathological_split, region_split
+from rebasin.recipe import resolve
 from rebasin.spec import PermutationSpec, StateDict
-from rebasin.train import evaluate, predict_logits, train
+from rebasin.train import evaluate, logit_metrics, predict_logits, train
 from rebasin.transformers import is_head_perm, stream_only
 from rebasin.zoo import CONV_MODELS, build_model, check_model_fits_dataset
+from simulations.training_options import TrainingOptions
 
 logger = logging.getLogger(__name__)
 
 Partition = Literal["region", "dirichlet", "pathological"]
 
 
-class OneShotConfig(BaseModel):
-    """Settings of a one-shot experiment (validated; every field is in the results JSON)."""
+class OneShotConfig(TrainingOptions):
+    """Settings of a one-shot experiment (validated; every field is in the results JSON).
+
+    The training recipe's fields come from :class:`~simulations.training_options.TrainingOptions`.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -92,21 +97,6 @@ def model_metrics(model: nn.Module, test: LabeledData, batch_size: int) -> dict:
     return logit_metrics(logits, labels, test.num_classes)
 
 
-def logit_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
-    """``{"loss", "accuracy", "per_class_accuracy"}`` of ``logits`` against ``labels``.
-
-    Mean cross-entropy, accuracy in [0, 1], and per class the accuracy on that class's
-    examples (NaN for a class with no example).
-    """
-    loss = float(nn.functional.cross_entropy(logits, labels))
-    hit = logits.argmax(1) == labels
-    per_class = [
-        float(hit[labels == c].float().mean()) if bool((labels == c).any()) else float("nan")
-        for c in range(num_classes)
-    ]
-    return {"loss": loss, "accuracy": float(hit.float().mean()), "per_class_accuracy": per_class}
-
-
 def _load(template: nn.Module, state_dict: StateDict) -> nn.Module:
     model = copy.deepcopy(template)
     model.load_state_dict(state_dict)
@@ -143,7 +133,10 @@ def run_oneshot(
     def fresh(init_seed: int) -> nn.Module:
         return build_model(cfg.model, cfg.dataset, width=cfg.width, norm=cfg.norm, seed=init_seed)
 
+    recipe = cfg.recipe()
+
     def fit(model: nn.Module, data: LabeledData, name: str, loader_seed: int) -> nn.Module:
+        start = time.perf_counter()
         train(
             model,
             data.loader(cfg.batch_size, shuffle=True, seed=loader_seed),
@@ -153,8 +146,13 @@ def run_oneshot(
             weight_decay=cfg.weight_decay,
             progress=progress,
             description=f"seed {seed}: {name}",
+            recipe=recipe,
+            seed=loader_seed,
         )
+        train_seconds[name] = time.perf_counter() - start
         return model
+
+    train_seconds: dict[str, float] = {}
 
     clients = [
         fit(fresh(1000 * seed + i), train_set.subset(idx), f"client {i}", 1000 * seed + i)
@@ -223,6 +221,8 @@ def run_oneshot(
         "clients": [model_metrics(m, test_set, cfg.batch_size) for m in clients],
         "methods": {name: model_metrics(m, test_set, cfg.batch_size) for name, m in models.items()},
         "merge_seconds": timings,
+        "training": resolve(recipe, "cpu", cfg.optimizer, cfg.lr).as_dict(),
+        "train_seconds": train_seconds,
     }
     logits = [predict_logits(m, test_set.loader(cfg.batch_size)) for m in clients]
     mean_logits = sum(w * lg for w, (lg, _) in zip(sizes, logits)) / sum(sizes)

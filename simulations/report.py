@@ -127,6 +127,9 @@ def _header(results: Mapping) -> list[str]:
         ),
         f"- Seeds: {seeds} (cells: mean ± sample std over the seeds)",
     ]
+    runs = results.get("one_shot", {}).get("runs", [])
+    if runs and "training" in runs[0]:
+        lines.insert(-1, "- One-shot training: " + recipe_line(runs[0]["training"]))
     if config.get("multi_round") and config["mode"] != "one-shot":
         mr = config["multi_round"]
         lines.append(
@@ -137,6 +140,23 @@ def _header(results: Mapping) -> list[str]:
             "ClientApp trains without weight decay"
         )
     return lines
+
+
+def recipe_line(used: Mapping) -> str:
+    """What a training run used (``rebasin.recipe.ResolvedRecipe`` as JSON), in words."""
+    augment = f"crop (pad {used['crop_padding']}) + flip" if used["augment"] else "none"
+    schedule = used["schedule"]
+    if schedule == "onecycle":
+        schedule += f" (peak lr {used['peak_lr']:g})"
+    support = "supported" if used["bf16_supported"] else "not supported"
+    return (
+        f"augmentation {augment}; {schedule} schedule"
+        + (", Nesterov" if used["nesterov"] else "")
+        + f"; label smoothing {used['label_smoothing']:g}; channels_last "
+        f"{'yes' if used['channels_last'] else 'no'}; bf16 autocast "
+        f"{'yes' if used['bf16'] else 'no'} (requested {used['bf16_requested']}, {support} on "
+        f"{used['device']})"
+    )
 
 
 def _oneshot_sections(results: Mapping, plots: set[str]) -> list[str]:

@@ -37,6 +37,41 @@ DataDirOption = Annotated[
 ThreadsOption = Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="log at INFO")]
 
+# Training recipe (rebasin.recipe.TrainRecipe); None: the dataset's default.
+AugmentOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--augment/--no-augment",
+        help="random crop (pad 4) + flip on each batch [default: on for cifar10, off for mnist]",
+    ),
+]
+LabelSmoothingOption = Annotated[float, typer.Option(help="label smoothing in [0, 1)")]
+ScheduleOption = Annotated[
+    str | None,
+    typer.Option(
+        help="learning-rate schedule: cosine, onecycle or constant [default: cosine with "
+        "sgd, constant with adam]"
+    ),
+]
+MaxLrOption = Annotated[
+    float | None, typer.Option(help="one-cycle peak learning rate [default: --lr]")
+]
+NesterovOption = Annotated[bool, typer.Option(help="Nesterov momentum (sgd)")]
+ChannelsLastOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--channels-last/--no-channels-last",
+        help="train in channels_last order [default: on for vgg/resnet20 on cifar10]",
+    ),
+]
+Bf16Option = Annotated[
+    str | None,
+    typer.Option(
+        help="bf16 autocast: auto (where the CPU/GPU has bf16 units), on, off [default: auto "
+        "for cifar10, off for mnist]"
+    ),
+]
+
 
 def check_seeds(seeds: tuple[int, ...]) -> tuple[int, ...]:
     """``seeds`` unchanged if they are non-negative and distinct.

@@ -28,23 +28,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from rebasin.names import DatasetName, ModelName, NormKind
 from simulations.settings import (
+    AugmentOption,
     BatchSizeOption,
+    Bf16Option,
+    ChannelsLastOption,
     DataDirOption,
     DatasetOption,
+    LabelSmoothingOption,
     LearningRateOption,
     LimitPerClassOption,
     MaxIterOption,
+    MaxLrOption,
+    NesterovOption,
     NormOption,
     OptimizerOption,
+    ScheduleOption,
     TestLimitPerClassOption,
     ThreadsOption,
     VerboseOption,
     check_seeds,
 )
+from simulations.training_options import TrainingOptions
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -57,7 +65,7 @@ STUDY_NAMES: tuple[str, ...] = get_args(StudyName)
 _IMAGE_MODELS = ("vgg", "resnet20")
 
 
-class StudyConfig(BaseModel):
+class StudyConfig(TrainingOptions):
     """Everything that defines a ``study`` run (validated; every field is in ``study.json``).
 
     Attributes
@@ -86,6 +94,8 @@ class StudyConfig(BaseModel):
         Share of its own classes' examples each region holds.
     lambdas
         Points of the interpolation grid, odd so that it holds lambda = 0.5.
+
+    The training recipe's fields come from :class:`~simulations.training_options.TrainingOptions`.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -288,6 +298,7 @@ def run_study(
                 max_iter=cfg.max_iter,
                 repair_batches=cfg.repair_batches,
                 progress=progress,
+                recipe=cfg.recipe(model),
             )
             results["points"] += [{"study": study, **r} for r in records]
             results["wall_seconds"] = time.perf_counter() - start
@@ -343,6 +354,13 @@ def study_command(
     optimizer: OptimizerOption = "sgd",
     weight_decay: Annotated[float, typer.Option(help="weight decay")] = 5e-4,
     batch_size: BatchSizeOption = 128,
+    augment: AugmentOption = None,
+    label_smoothing: LabelSmoothingOption = 0.0,
+    schedule: ScheduleOption = None,
+    max_lr: MaxLrOption = None,
+    nesterov: NesterovOption = False,
+    channels_last: ChannelsLastOption = None,
+    bf16: Bf16Option = None,
     limit_per_class: LimitPerClassOption = None,
     test_limit_per_class: TestLimitPerClassOption = None,
     lambdas: Annotated[
@@ -391,6 +409,13 @@ def study_command(
             optimizer=optimizer,  # type: ignore[arg-type]
             weight_decay=weight_decay,
             batch_size=batch_size,
+            augment=augment,
+            label_smoothing=label_smoothing,
+            schedule=schedule,  # type: ignore[arg-type]
+            max_lr=max_lr,
+            nesterov=nesterov,
+            channels_last=channels_last,
+            bf16=bf16,  # type: ignore[arg-type]
             limit_per_class=limit_per_class,
             test_limit_per_class=test_limit_per_class,
             lambdas=lambdas,

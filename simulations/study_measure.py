@@ -40,6 +40,7 @@ from rebasin.norm import (
 )
 from rebasin.partition import region_split
 from rebasin.permute import apply_permutation
+from rebasin.recipe import TrainRecipe, resolve
 from rebasin.spec import StateDict
 from rebasin.train import evaluate, train
 from rebasin.zoo import build_model
@@ -172,7 +173,9 @@ class SnapshotLoader:
     def _record(self) -> None:
         if self.step in self.wanted and self.step not in self.snapshots:
             self.snapshots[self.step] = {
-                k: v.detach().clone() for k, v in self.model.state_dict().items()
+                # Contiguous copies: channels_last training keeps its weights in that order.
+                k: v.detach().clone(memory_format=torch.contiguous_format)
+                for k, v in self.model.state_dict().items()
             }
 
 
@@ -194,6 +197,7 @@ def train_with_snapshots(
     loader_seed: int,
     progress: Progress | None = None,
     description: str = "train",
+    recipe: TrainRecipe | None = None,
 ) -> dict[float, StateDict]:
     """Train ``model`` for ``epochs`` (one :func:`~rebasin.train.train` call) and return its
     state at each checkpoint (in epochs, ``0`` is the initialisation)."""
@@ -209,6 +213,8 @@ def train_with_snapshots(
         weight_decay=weight_decay,
         progress=progress,
         description=description,
+        recipe=recipe,
+        seed=loader_seed,
     )
     snapshots = wrapped.finish()
     return {float(e): snapshots[s] for e, s in zip(checkpoints, steps)}
@@ -384,6 +390,7 @@ def measure_pair(
     max_iter: int,
     repair_batches: int,
     progress: Progress | None = None,
+    recipe: TrainRecipe | None = None,
 ) -> list[dict]:
     """Train the two region models of ``seed`` and measure every checkpoint.
 
@@ -419,6 +426,7 @@ def measure_pair(
                 loader_seed=1000 * seed + i,
                 progress=progress,
                 description=f"{model} w{width:g} seed {seed}: region {i}",
+                recipe=recipe,
             )
         )
     assert template is not None
@@ -450,6 +458,7 @@ def measure_pair(
                 "steps": [s[j] for s in steps],
                 "train_examples": [len(s) for s in shards[:2]],
                 **measured,
+                "training": resolve(recipe or TrainRecipe(), "cpu", optimizer, lr).as_dict(),
                 "train_seconds": train_seconds,
                 "measure_seconds": time.perf_counter() - t0,
             }

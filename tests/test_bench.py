@@ -62,3 +62,53 @@ def test_bench_without_trained_cases_needs_no_data(tmp_path, monkeypatch) -> Non
     assert cases == {("mlp 3x64", "random"), ("resnet20 x0.25", "random")}
     assert result["settings"]["trained_mlp"] is False
     assert all(r["identical"] for r in result["matching"])
+
+
+@pytest.mark.timeout(300)
+def test_train_throughput_compares_the_loops_on_every_model(tmp_path, monkeypatch) -> None:
+    from rebasin.recipe import bf16_supported
+
+    monkeypatch.setenv("REBASIN_DATA_DIR", str(tmp_path / "no-data-here"))  # synthetic batches
+    out = tmp_path / "tt"
+    args = ["bench", "--train-throughput", "--out", str(out), "--throughput-steps", "1",
+            "--throughput-batch", "4", "--throughput-warmup", "0", "--repeats", "1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert not (out / "bench.json").exists()  # only the throughput benchmark ran
+    data = json.loads((out / "train_throughput.json").read_text())
+    loops = ["before", "+augment", "+channels_last", "after"]
+    models = ["vgg x0.25 batch", "vgg x0.5 batch", "resnet20 x1 batch"]
+    assert [(r["model"], r["loop"]) for r in data["rows"]] == [
+        (m, lp) for m in models for lp in loops
+    ]
+    has_bf16 = bf16_supported("cpu")
+    for r in data["rows"]:
+        assert len(r["seconds"]) == 1 and r["images_per_s"] > 0
+        assert r["bf16"] is (
+            r["loop"] == "after, bf16 forced" or (r["loop"] == "after" and has_bf16)
+        )
+        assert r["augment"] is (r["loop"] != "before")
+        before = next(b for b in data["rows"] if b["model"] == r["model"] and b["loop"] == "before")
+        assert r["ratio_to_before"] == pytest.approx(r["images_per_s"] / before["images_per_s"])
+    assert all(r["ratio_to_before"] == 1.0 for r in data["rows"] if r["loop"] == "before")
+    assert data["environment"]["bf16_supported"] is has_bf16
+    assert "synthetic" in data["settings"]["data"]
+    table = (out / "train_throughput.md").read_text()
+    assert table.count("\n| vgg x0.25 batch |") == len(loops)
+    assert "| vgg x0.5 batch | before |" in table and "1.00x" in table
+
+
+def test_train_throughput_forced_bf16_row(tmp_path) -> None:
+    from simulations.bench_train import run_train_throughput
+
+    result = run_train_throughput(
+        tmp_path, models=(("vgg", 0.0625, "batch"),), steps=1, warmup=0, batch_size=2,
+        repeats=1, force_bf16=True,
+    )  # fmt: skip
+    rows = {r["loop"]: r for r in result["rows"]}
+    assert list(rows) == ["before", "+augment", "+channels_last", "after", "after, bf16 forced"]
+    assert rows["after, bf16 forced"]["bf16"] is True and rows["before"]["bf16"] is False
+    assert rows["+channels_last"]["channels_last"] and not rows["+augment"]["channels_last"]
+    assert result["settings"]["loops"]["after"]["schedule"] == "onecycle"
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        run_train_throughput(tmp_path, steps=0)

@@ -84,3 +84,35 @@ def test_repair_gives_every_hidden_unit_the_interpolated_statistics() -> None:
         )
     with pytest.raises(ValueError, match="repair needs at least one endpoint model"):
         repair(merged, [], loader)
+
+
+def test_repair_corrects_layernorm_models_through_the_norms_affine_parameters() -> None:
+    # LayerNorm (GroupNorm(1, C)) models have bias-free convolutions: REPAIR must act on the
+    # norms, or it would change nothing.
+    from rebasin.models import VGG
+
+    def net() -> nn.Module:
+        return VGG(cfg=(8, "M", 8, 8, "M"), norm="layer", image_size=8).eval()
+
+    torch.manual_seed(0)
+    endpoints = [net() for _ in range(2)]
+    for m in endpoints:  # non-trivial affine parameters, as after training
+        for gn in (x for x in m.modules() if isinstance(x, nn.GroupNorm)):
+            nn.init.uniform_(gn.weight, 0.5, 1.5)
+            nn.init.normal_(gn.bias, 0.0, 0.3)
+    merged = net()
+    merged.load_state_dict(average([m.state_dict() for m in endpoints]))
+    before = {k: v.clone() for k, v in merged.state_dict().items()}
+    images = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    loader = DataLoader(TensorDataset(images, torch.zeros(64, dtype=torch.long)), batch_size=32)
+    repair(merged, endpoints, loader)
+    changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])}
+    norms = ["norms.0", "norms.1", "norms.2"]
+    assert changed == {f"{n}.{p}" for n in norms for p in ("weight", "bias")}
+    for layer in norms:
+        target = [channel_moments(m, layer, loader, None) for m in endpoints]
+        got_mean, got_std = channel_moments(merged, layer, loader, None)
+        torch.testing.assert_close(got_mean, 0.5 * (target[0][0] + target[1][0]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            got_std, 0.5 * (target[0][1] + target[1][1]), atol=1e-4, rtol=1e-3
+        )

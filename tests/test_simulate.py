@@ -261,6 +261,14 @@ def test_report_numbers_equal_the_json(tiny_run: tuple[Path, dict, str]) -> None
         ),
         (["--mode", "both", "--strategies", "fedavg", "fedavg"], "strategies must be distinct"),
         (["--threads", "0"], "--threads = 0: must be >= 1"),
+        (["--label-smoothing", "1"], "--label-smoothing = 1.0: Input should be less than 1"),
+        (["--label-smoothing", "-0.1"], "--label-smoothing = -0.1: Input should be greater"),
+        (["--schedule", "step"], "--schedule = 'step': Input should be 'cosine', 'onecycle'"),
+        (["--bf16", "yes"], "--bf16 = 'yes': Input should be 'auto', 'on' or 'off'"),
+        (["--schedule", "onecycle", "--max-lr", "nan"], "--max-lr = nan: Input should be a finite"),
+        (["--schedule", "onecycle", "--max-lr", "0"], "--max-lr = 0.0: Input should be greater"),
+        (["--max-lr", "0.1"], "max_lr is the one-cycle peak; it needs schedule 'onecycle'"),
+        (["--optimizer", "adam", "--nesterov"], "nesterov needs optimizer 'sgd', got 'adam'"),
     ],
 )
 def test_bad_values_exit_nonzero_with_a_message(args: list[str], message: str) -> None:
@@ -305,6 +313,47 @@ def test_list_options_take_several_values(
     assert cfg.multi_round.strategies == strategies
     assert cfg.multi_round.rounds == 3
     assert cfg.experiment.num_clients == 2  # us-eu default: two regions
+
+
+def test_training_options_reach_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rebasin.recipe import TrainRecipe
+
+    captured = []
+    monkeypatch.setattr(cli, "_run", lambda cfg, out, data_dir, threads: captured.append(cfg))
+    cifar = ["simulate", "--dataset", "cifar10", "--model", "vgg"]
+    options = [
+        "--label-smoothing", "0.1", "--schedule", "onecycle", "--max-lr", "0.1", "--nesterov",
+        "--no-channels-last", "--bf16", "off",
+    ]  # fmt: skip
+    for args in (cifar, [*cifar, *options, "--no-augment"], ["simulate"]):
+        result = runner.invoke(cli.app, args)
+        assert result.exit_code == 0, result.output
+    default, chosen, mnist = (c.experiment.recipe() for c in captured)
+    assert default == TrainRecipe(augment=True, channels_last=True, bf16="auto")
+    assert chosen == TrainRecipe(
+        augment=False,
+        label_smoothing=0.1,
+        schedule="onecycle",
+        max_lr=0.1,
+        nesterov=True,
+        channels_last=False,
+        bf16="off",
+    )
+    assert mnist == TrainRecipe()
+
+
+def test_tiny_run_records_the_training_it_used(tiny_run: tuple[Path, dict, str]) -> None:
+    _, results, report = tiny_run
+    for run in results["one_shot"]["runs"]:
+        used = run["training"]
+        assert used["augment"] is False and used["bf16"] is False
+        assert used["channels_last"] is False and used["schedule"] == "cosine"
+        assert used["bf16_requested"] == "off" and used["peak_lr"] == 0.05
+        assert set(run["train_seconds"]) == {"client 0", "client 1", "centralized"}
+    assert (
+        "- One-shot training: augmentation none; cosine schedule; label smoothing 0; "
+        "channels_last no; bf16 autocast no (requested off, "
+    ) in report
 
 
 def test_scenarios_pick_their_partition_and_client_count(monkeypatch: pytest.MonkeyPatch) -> None:

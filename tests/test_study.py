@@ -359,6 +359,12 @@ def test_tiny_architecture_study(tmp_path: Path, small_data_dir: Path) -> None:
     assert list(rows[0]["methods"]) == ["naive", "rebasin"]
     assert list(rows[1]["methods"]) == ["naive", "rebasin", "naive+bn-reset", "rebasin+bn-reset"]
     assert "## Architecture: about 8,000 parameters" in (out / "summary.md").read_text()
+    # CIFAR-10 trains with augmentation by default; channels_last for the conv model only.
+    used = {p["model"]: p["training"] for p in data["points"]}
+    assert used["mlp"]["augment"] and used["vgg"]["augment"]
+    assert (used["mlp"]["channels_last"], used["vgg"]["channels_last"]) == (False, True)
+    assert used["vgg"]["bf16_requested"] == "auto"
+    assert data["config"]["augment"] is None  # the dataset default, resolved per point
 
 
 @pytest.mark.parametrize(
@@ -379,6 +385,8 @@ def test_tiny_architecture_study(tmp_path: Path, small_data_dir: Path) -> None:
         (["--studies", "speed"], "--studies = 'speed'"),
         (["--dataset", "cifar10", "--studies", "architecture", "--params", "10"],
          "10 is out of that range"),
+        (["--optimizer", "adam", "--nesterov"], "nesterov needs optimizer 'sgd', got 'adam'"),
+        (["--label-smoothing", "inf"], "--label-smoothing = inf: Input should be"),
     ],
 )  # fmt: skip
 def test_bad_settings_are_named(args: list[str], message: str, tmp_path: Path) -> None:
