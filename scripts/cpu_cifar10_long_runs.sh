@@ -5,7 +5,7 @@
 # (default for conv models), bf16 auto (off on CPUs without AVX512-BF16/AMX), SGD Nesterov,
 # one-cycle with peak 0.1, label smoothing 0.1, weight decay 5e-4, batch 128.
 set -euo pipefail
-DATA="${REBASIN_DATA_DIR:-/work/shared/data}"
+DATA="${REBASIN_DATA_DIR:-data}"
 EPOCHS="${EPOCHS:-12}"
 common=(--scenario us-eu --dataset cifar10 --seeds 0 1 2 --epochs "$EPOCHS" --lr 0.1
         --schedule onecycle --max-lr 0.1 --nesterov --label-smoothing 0.1 --weight-decay 5e-4
