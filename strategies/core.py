@@ -38,10 +38,6 @@ NodeId = Hashable
 MAX_NUM_EXAMPLES = 10**12
 DEFAULT_MAX_NORM_RATIO = 1e3
 
-# How one client's model was aligned this round (the engine's record of it).
-NodeAlignment = Alignment
-
-
 class ReBasinOptions(BaseModel):
     """How the strategies match and merge; validated once, shared by both front ends.
 
