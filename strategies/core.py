@@ -38,6 +38,7 @@ NodeId = Hashable
 MAX_NUM_EXAMPLES = 10**12
 DEFAULT_MAX_NORM_RATIO = 1e3
 
+
 class ReBasinOptions(BaseModel):
     """How the strategies match and merge; validated once, shared by both front ends.
 

@@ -34,6 +34,7 @@ server's state: use ``"global"`` with them (a warning says so).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -320,9 +321,12 @@ def with_rebasin(strategy: Strategy, **options: Any) -> Strategy:
         raise TypeError(f"{type(strategy).__name__} has re-basin in front already")
     wrapped = object.__new__(rebasin(type(strategy)))
     wrapped.__dict__.update(vars(strategy))
-    defaults = {"model": None, "spec": None, "reference": "global", "max_iter": 100, "seed": 0,
-                "device": None, "example_input": None,
-                "max_norm_ratio": DEFAULT_MAX_NORM_RATIO}  # fmt: skip
+    # Re-basin's keyword arguments and their defaults, as ReBasin.__init__ declares them.
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(ReBasin.__init__).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(f"unknown re-basin options {unknown}; known: {sorted(defaults)}")
