@@ -85,6 +85,8 @@ def train(msg: Message, context: Context) -> Message:
         config.learning_rate,
         optimizer=config.optimizer,
         weight_decay=config.weight_decay,
+        recipe=config.recipe(),
+        seed=config.seed + server_round,  # the augmentation's crops and flips
     )
     content = RecordDict(
         {

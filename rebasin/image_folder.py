@@ -18,7 +18,6 @@ SPLITS: tuple[str, ...] = ("train", "test")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 
 
-
 def decode_image_folder(
     source: str | Path,
     classes: Sequence[str],

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 13: the long CPU runs (CIFAR-10 US/EU one-shot, full region data, full test set,
-# 3 seeds). Prepared, not run. Each line is one `rebasin simulate` run; run them one after
-# another on a 2-core machine (2 threads). Recipe: crop + flip (CIFAR default), channels_last
+# 3 seeds). Each `run` line is one `rebasin simulate` run; they run one after another on a
+# 2-core machine (2 threads). ONLY="vgg-w0.25-bn resnet20-w1-ln" runs just those (names as in
+# the output folders, without "cifar10-us-eu-"); EPOCHS sets the epochs (default 12). Recipe: crop + flip (CIFAR default), channels_last
 # (default for conv models), bf16 auto (off on CPUs without AVX512-BF16/AMX), SGD Nesterov,
 # one-cycle with peak 0.1, label smoothing 0.1, weight decay 5e-4, batch 128.
 set -euo pipefail
@@ -10,11 +11,14 @@ EPOCHS="${EPOCHS:-12}"
 common=(--scenario us-eu --dataset cifar10 --seeds 0 1 2 --epochs "$EPOCHS" --lr 0.1
         --schedule onecycle --max-lr 0.1 --nesterov --label-smoothing 0.1 --weight-decay 5e-4
         --batch-size 128 --threads 2 --data-dir "$DATA")
-rebasin simulate "${common[@]}" --model vgg --width 0.25 --norm batch \
-  --out results/cifar10-us-eu-vgg-w0.25-bn
-rebasin simulate "${common[@]}" --model vgg --width 0.5 --norm batch --no-centralized \
-  --out results/cifar10-us-eu-vgg-w0.5-bn
-rebasin simulate "${common[@]}" --model resnet20 --width 1 --norm layer --no-centralized \
-  --out results/cifar10-us-eu-resnet20-w1-ln
-rebasin simulate "${common[@]}" --model resnet20 --width 1 --norm batch --no-centralized \
-  --out results/cifar10-us-eu-resnet20-w1-bn
+run() {  # run NAME ARGS...: one simulation into results/cifar10-us-eu-NAME
+  local name=$1
+  shift
+  if [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]]; then
+    rebasin simulate "${common[@]}" "$@" --out "results/cifar10-us-eu-$name"
+  fi
+}
+run vgg-w0.25-bn --model vgg --width 0.25 --norm batch
+run vgg-w0.5-bn --model vgg --width 0.5 --norm batch --no-centralized
+run resnet20-w1-ln --model resnet20 --width 1 --norm layer --no-centralized
+run resnet20-w1-bn --model resnet20 --width 1 --norm batch --no-centralized

@@ -20,11 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 
 from rebasin.names import DatasetName, ModelName, NormKind
+from rebasin.recipe import TrainRecipe
 from rebasin.zoo import build_model, check_model_fits_dataset
 
 Partitioning = Literal["iid", "dirichlet", "pathological", "region"]
 OptimizerName = Literal["sgd", "adam"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+# "auto": the dataset's default (TrainRecipe.for_dataset); a run-config has no null.
+Switch = Literal["auto", "on", "off"]
+ScheduleKey = Literal["auto", "cosine", "onecycle", "constant"]
 
 
 class RunConfigError(ValueError):
@@ -108,6 +112,14 @@ class TrainingConfig(KebabConfig):
     device
         ``auto`` (CUDA when available), ``cpu`` or ``cuda``: where clients train and the
         server matches.
+    augment, channels_last, bf16
+        The training recipe's switches (:class:`rebasin.recipe.TrainRecipe`): ``auto`` is the
+        dataset's default (CIFAR-10: random crop + flip on, channels_last for convolutional
+        models, bf16 where the hardware has it; MNIST: all off), else ``on`` / ``off``.
+    label_smoothing, schedule, max_lr, nesterov
+        Label smoothing in ``[0, 1)``; the learning-rate schedule of each round's local
+        training (``auto``: cosine with SGD, constant with Adam; or ``cosine``, ``onecycle``,
+        ``constant``); the one-cycle peak (0: the learning rate); Nesterov momentum (SGD).
     """
 
     model: ModelName = "mlp"
@@ -127,11 +139,47 @@ class TrainingConfig(KebabConfig):
     independent_start: bool = False
     max_examples: int = Field(default=0, ge=0)
     device: DeviceName = "auto"
+    augment: Switch = "auto"
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    schedule: ScheduleKey = "auto"
+    max_lr: float = Field(default=0.0, ge=0)
+    nesterov: bool = False
+    channels_last: Switch = "auto"
+    bf16: Switch = "auto"
 
     @model_validator(mode="after")
     def _model_fits_dataset(self) -> Self:
         check_model_fits_dataset(self.model, self.dataset)
         return self
+
+    @model_validator(mode="after")
+    def _recipe_consistent(self) -> Self:
+        if self.nesterov and self.optimizer != "sgd":
+            raise ValueError(f"'nesterov' = true needs 'optimizer' = 'sgd', got {self.optimizer!r}")
+        if self.max_lr > 0 and self.schedule != "onecycle":
+            raise ValueError(
+                f"'max-lr' = {self.max_lr} is the one-cycle peak; it needs 'schedule' = "
+                f"'onecycle', got {self.schedule!r}"
+            )
+        return self
+
+    def recipe(self) -> TrainRecipe:
+        """The clients' training recipe: the dataset's defaults with this config's keys."""
+
+        def switch(value: str) -> bool | None:
+            return None if value == "auto" else value == "on"
+
+        return TrainRecipe.for_dataset(
+            self.dataset,
+            self.model,
+            augment=switch(self.augment),
+            label_smoothing=self.label_smoothing,
+            schedule=None if self.schedule == "auto" else self.schedule,
+            max_lr=self.max_lr or None,
+            nesterov=self.nesterov,
+            channels_last=switch(self.channels_last),
+            bf16=None if self.bf16 == "auto" else self.bf16,
+        )
 
     def build_model(self, seed: int | None = None) -> nn.Module:
         """A freshly initialised model of this config, from ``seed`` (default: ``seed``)."""
