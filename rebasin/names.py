@@ -25,3 +25,15 @@ NORM_KINDS: tuple[str, ...] = get_args(NormKind)
 # with the most examples, or each other (MergeMany, rebasin.merge.merge_many).
 ReferenceName = Literal["global", "largest", "merge-many"]
 REFERENCE_NAMES: tuple[str, ...] = get_args(ReferenceName)
+
+# Local optimisers (rebasin.train.make_optimizer): SGD with momentum, or Adam.
+OptimizerName = Literal["sgd", "adam"]
+OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
+
+# Learning-rate schedules (rebasin.recipe.make_scheduler).
+ScheduleName = Literal["cosine", "onecycle", "constant"]
+SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)
+
+# bf16 autocast (rebasin.recipe.TrainRecipe.bf16): where supported, always, never.
+Bf16Mode = Literal["auto", "on", "off"]
+BF16_MODES: tuple[str, ...] = get_args(Bf16Mode)

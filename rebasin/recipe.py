@@ -26,14 +26,12 @@ import math
 import platform
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-Schedule = Literal["cosine", "onecycle", "constant"]
-SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "constant")
-Bf16Mode = Literal["auto", "on", "off"]
-BF16_MODES: tuple[str, ...] = ("auto", "on", "off")
+from rebasin.names import BF16_MODES, SCHEDULE_NAMES, Bf16Mode, ScheduleName
+
+SCHEDULES = SCHEDULE_NAMES
 CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16", "bf16"})
 CPUINFO = Path("/proc/cpuinfo")
 # One-cycle shape (Smith & Topin 2017): start at max_lr / 25, end at max_lr / 25 / 1e4.
@@ -77,7 +75,7 @@ class TrainRecipe:
     augment: bool = False
     crop_padding: int = 4
     label_smoothing: float = 0.0
-    schedule: Schedule | None = None
+    schedule: ScheduleName | None = None
     max_lr: float | None = None
     warmup: float = 0.25
     nesterov: bool = False

@@ -5,16 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from rich.progress import Progress
 from torch import nn
 
 from rebasin.augment import RandomCropFlip
+from rebasin.names import OptimizerName
 from rebasin.recipe import TrainRecipe, make_scheduler, resolve
-
-OptimizerName = Literal["sgd", "adam"]
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from torch import nn
 
 from rebasin.data import LabeledData, load_dataset
 from rebasin.merge import average, interpolation_curve, merge_many
-from rebasin.names import DatasetName, ModelName, NormKind
+from rebasin.names import DatasetName, ModelName, NormKind, OptimizerName
 from rebasin.norm import (
     batchnorm_stats,
     combine_batchnorm_stats,
@@ -64,7 +64,7 @@ class OneShotConfig(TrainingOptions):
     classes_per_client: int = Field(2, ge=1)
     epochs: int = Field(5, ge=1)
     lr: float = Field(0.05, gt=0)
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: OptimizerName = "sgd"
     weight_decay: float = Field(5e-4, ge=0)
     batch_size: int = Field(128, ge=1)
     limit_per_class: int | None = Field(None, ge=1)

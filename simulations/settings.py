@@ -14,14 +14,16 @@ from typing import Annotated
 
 import typer
 
-from rebasin.names import DATASET_NAMES, NORM_KINDS
+from rebasin.names import DATASET_NAMES, NORM_KINDS, OPTIMIZER_NAMES
 
 DatasetOption = Annotated[str, typer.Option(help=" or ".join(DATASET_NAMES))]
 NormOption = Annotated[
     str, typer.Option(help=f"vgg/resnet20 normalisation: {', '.join(NORM_KINDS)}")
 ]
 LearningRateOption = Annotated[float, typer.Option(help="learning rate")]
-OptimizerOption = Annotated[str, typer.Option(help="sgd (momentum, cosine) or adam")]
+OptimizerOption = Annotated[
+    str, typer.Option(help=f"{' or '.join(OPTIMIZER_NAMES)} (sgd: momentum, cosine)")
+]
 BatchSizeOption = Annotated[int, typer.Option(help="batch size")]
 LimitPerClassOption = Annotated[
     int | None, typer.Option(help="use the first N training examples of each class")

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, get_args
 import typer
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from rebasin.names import DatasetName, ModelName, NormKind
+from rebasin.names import DatasetName, ModelName, NormKind, OptimizerName
 from simulations.settings import (
     AugmentOption,
     BatchSizeOption,
@@ -113,7 +113,7 @@ class StudyConfig(TrainingOptions):
     epochs: int = Field(2, ge=1)
     own_fraction: float = Field(0.8, gt=0, le=1)
     lr: float = Field(0.05, gt=0)
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: OptimizerName = "sgd"
     weight_decay: float = Field(5e-4, ge=0)
     batch_size: int = Field(128, ge=1)
     limit_per_class: int | None = Field(None, ge=1)

@@ -8,10 +8,9 @@ options of :class:`rebasin.recipe.TrainRecipe`, ``None`` meaning the dataset's d
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, Field, model_validator
 
+from rebasin.names import Bf16Mode, ScheduleName
 from rebasin.recipe import TrainRecipe
 
 
@@ -20,11 +19,11 @@ class TrainingOptions(BaseModel):
 
     augment: bool | None = None
     label_smoothing: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False)
-    schedule: Literal["cosine", "onecycle", "constant"] | None = None
+    schedule: ScheduleName | None = None
     max_lr: float | None = Field(None, gt=0, allow_inf_nan=False)
     nesterov: bool = False
     channels_last: bool | None = None
-    bf16: Literal["auto", "on", "off"] | None = None
+    bf16: Bf16Mode | None = None
 
     @model_validator(mode="after")
     def _recipe_consistent(self) -> TrainingOptions:

@@ -19,16 +19,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from rebasin.names import DatasetName, ModelName, NormKind
+from rebasin.names import DatasetName, ModelName, NormKind, OptimizerName, ScheduleName
 from rebasin.recipe import TrainRecipe
 from rebasin.zoo import build_model, check_model_fits_dataset
 
 Partitioning = Literal["iid", "dirichlet", "pathological", "region"]
-OptimizerName = Literal["sgd", "adam"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 # "auto": the dataset's default (TrainRecipe.for_dataset); a run-config has no null.
 Switch = Literal["auto", "on", "off"]
-ScheduleKey = Literal["auto", "cosine", "onecycle", "constant"]
+ScheduleKey = Literal["auto", ScheduleName]
 
 
 class RunConfigError(ValueError):
