@@ -28,7 +28,7 @@ import torch
 
 from rebasin.matching import MatchingError, matching_objective, weight_matching
 from rebasin.permute import Perms, apply_permutation, validate_state_dict
-from rebasin.spec import PermutationSpec, StateDict
+from rebasin.spec import PermutationSpec, StateDict, keep_metadata
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class ReferenceAligner:
         start = time.perf_counter()
         if check:
             validate_state_dict(model, self.reference, name="model to align")
-        model = {k: v.to(self.device) for k, v in model.items()}
+        model = keep_metadata({k: v.to(self.device) for k, v in model.items()}, model)
         identity_objective = matching_objective(
             self.spec, self.reference, model, device=self.device, check=False
         )
@@ -205,7 +205,7 @@ def align_to_reference(
     aligner = ReferenceAligner(spec, target, max_iter=max_iter, device=device)
     for i, model in enumerate(models):
         if isinstance(reference, int) and i == reference:
-            on_device = {k: v.to(aligner.device) for k, v in model.items()}
+            on_device = keep_metadata({k: v.to(aligner.device) for k, v in model.items()}, model)
             yield AlignedModel(i, on_device, identity_alignment(spec, model))
             continue
         try:
@@ -275,7 +275,7 @@ def align_many(
     for i, model in enumerate(models[1:], start=1):
         validate_state_dict(model, models[0], name=f"model {i}")
     spec.check(models[0])
-    aligned = [dict(m) for m in models]
+    aligned = [keep_metadata(dict(m), m) for m in models]
     sizes = spec.perm_sizes(models[0])
     perms = [{p: torch.arange(n) for p, n in sizes.items()} for _ in models]
     sweeps = [0] * len(models)

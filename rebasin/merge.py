@@ -16,7 +16,7 @@ from rebasin.align import (
     check_models_and_weights,
 )
 from rebasin.permute import is_finite, validate_state_dict
-from rebasin.spec import PermutationSpec, StateDict
+from rebasin.spec import PermutationSpec, StateDict, keep_metadata
 
 
 class WeightedAverage:
@@ -46,7 +46,9 @@ class WeightedAverage:
         if weight > self._heaviest:
             self._heaviest = weight
         if not self._template:
-            self._template = {k: v.detach() for k, v in state_dict.items()}
+            self._template = keep_metadata(
+                {k: v.detach() for k, v in state_dict.items()}, state_dict
+            )
         self._total += weight
         if not np.isfinite(self._total):
             raise ValueError(
@@ -66,7 +68,7 @@ class WeightedAverage:
         for key, value in mean.items():
             if value.is_floating_point() and not is_finite(value):
                 raise ValueError(f"the weighted average is not finite in {key!r}")
-        return mean
+        return keep_metadata(mean, self._template)
 
 
 def average(
@@ -142,9 +144,10 @@ def interpolate(
 ) -> StateDict:
     """``(1 - lam) * a + lam * b`` for floating-point entries; integer entries from ``a``."""
     validate_state_dict(b, a, name="second model")
-    return {
+    out = {
         k: torch.lerp(v, b[k], lam) if v.is_floating_point() else v.clone() for k, v in a.items()
     }
+    return keep_metadata(out, a)
 
 
 @dataclass(frozen=True)

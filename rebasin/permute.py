@@ -7,7 +7,14 @@ from collections.abc import Mapping
 
 import torch
 
-from rebasin.spec import PermutationSpec, SpecError, StateDict, join_pieces, split_pieces
+from rebasin.spec import (
+    PermutationSpec,
+    SpecError,
+    StateDict,
+    join_pieces,
+    keep_metadata,
+    split_pieces,
+)
 
 Perms = dict[str, torch.Tensor]
 
@@ -35,21 +42,22 @@ def apply_permutation(
 ) -> StateDict:
     """Return a copy of ``state_dict`` with every permutation of ``perms`` applied.
 
-    Keys the spec does not name are copied unchanged. ``except_perm`` leaves the axes of that
-    one permutation as they are (the textbook matcher uses it).
+    Keys the spec does not name are copied unchanged, and so is the state dict's
+    ``_metadata`` (module versions). ``except_perm`` leaves the axes of that one permutation
+    as they are (the textbook matcher uses it).
     """
     missing = sorted(set(spec.perm_to_axes) - set(perms))
     if missing:
         raise SpecError(f"no permutation given for {missing}")
     if not spec.is_plain:
-        return _apply_structured(spec, perms, state_dict, except_perm)
+        return keep_metadata(_apply_structured(spec, perms, state_dict, except_perm), state_dict)
     out: StateDict = {}
     for key, tensor in state_dict.items():
         for axis, perm in enumerate(spec.axes_to_perm.get(key, ())):
             if perm is not None and perm != except_perm:
                 tensor = permute_axis(tensor, axis, perms[perm])
         out[key] = tensor
-    return out
+    return keep_metadata(out, state_dict)
 
 
 def lower_state_dicts(

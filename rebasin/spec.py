@@ -34,8 +34,10 @@ Example, an MLP ``784 -> 512 -> 10``::
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -383,6 +385,21 @@ def join_pieces(
         target = joined[piece.key][piece.index]
         target.copy_(state_dict[name].reshape(target.shape))
     return {k: joined[k] if k in joined else state_dict[k] for k in original}
+
+
+def keep_metadata(out: StateDict, source: Mapping[str, torch.Tensor]) -> StateDict:
+    """``out`` with ``source``'s ``_metadata``, if it has one.
+
+    ``nn.Module.state_dict()`` records each module's version in ``_metadata``, and
+    ``load_state_dict`` hands it to ``_load_from_state_dict``; a module with a versioned
+    loader (torchvision's MNASNet) refuses a state dict without it.
+    """
+    metadata = getattr(source, "_metadata", None)
+    if metadata is None:
+        return out
+    kept = OrderedDict(out)
+    kept._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+    return kept
 
 
 def is_running_stat(key: str) -> bool:

@@ -118,6 +118,13 @@ def _small_mobilenet_v2() -> nn.Module:
     )  # fmt: skip
 
 
+def _small_mnasnet() -> nn.Module:
+    """MNASNet at width 0.25 (its stem and head stay 16-32 and 1280 wide)."""
+    import torchvision.models as tvm
+
+    return tvm.MNASNet(0.25, num_classes=10)
+
+
 def _small_mobilenet_v3() -> nn.Module:
     from torchvision.models.mobilenetv3 import InvertedResidualConfig as Cfg
     from torchvision.models.mobilenetv3 import MobileNetV3
@@ -230,6 +237,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mobilenet_v3_small": Architecture(
         "torchvision", _tv("mobilenet_v3_small"), _small_mobilenet_v3, IMAGE,
         note="depthwise, squeeze-excitation, Hardswish",
+    ),
+    "mnasnet0_5": Architecture(
+        "torchvision", _tv("mnasnet0_5"), _small_mnasnet, IMAGE,
+        note="depthwise; a versioned loader (the state dict's _metadata is kept)",
     ),
     "efficientnet_b0": Architecture(
         "torchvision", _tv("efficientnet_b0"), _small_efficientnet, IMAGE,

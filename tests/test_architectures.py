@@ -202,3 +202,31 @@ def test_a_batch_of_one_does_not_confuse_reshapes() -> None:
     model = randomize(ViT(width=0.5, depth=1))
     spec = spec_from_module(model, example_input=torch.randn(1, 1, 28, 28))
     assert spec.canonical() == model.permutation_spec().canonical()
+
+
+def test_merges_keep_the_module_versions_that_versioned_loaders_need() -> None:
+    """torchvision's MNASNet refuses a state dict without ``_metadata`` (module versions):
+    permuted, averaged, interpolated and merged state dicts keep the first model's."""
+    import torchvision.models as tvm
+
+    from rebasin.merge import average, interpolate
+
+    models = [randomize(tvm.MNASNet(0.25, num_classes=10), seed=s) for s in (0, 1)]
+    states = [m.state_dict() for m in models]
+    spec, _ = traced(ARCHITECTURES["mnasnet0_5"], models[0])
+    perms = random_perms(spec, states[1], seed=1)
+    bare = dict(states[0])
+    with pytest.raises(ValueError, match=r"^version should be set to 1 or 2 instead of None$"):
+        tvm.MNASNet(0.25, num_classes=10).load_state_dict(bare)
+    outputs = {
+        "apply_permutation": apply_permutation(spec, perms, states[1]),
+        "average": average(states),
+        "interpolate": interpolate(states[0], states[1], 0.5),
+        "merge_to_reference": merge_to_reference(spec, states, max_iter=2),
+        "merge_many": merge_many(spec, states, max_rounds=1, max_iter=2),
+    }
+    for name, state in outputs.items():
+        assert getattr(state, "_metadata", None) == states[0]._metadata, name
+        tvm.MNASNet(0.25, num_classes=10).load_state_dict(state)
+    # Plain dicts in, plain dicts out: nothing is invented.
+    assert not hasattr(average([bare, bare]), "_metadata")
