@@ -2,7 +2,8 @@
 # Issue 13: the long CPU runs (CIFAR-10 US/EU one-shot, full region data, full test set,
 # 3 seeds). Each `run` line is one `rebasin simulate` run; they run one after another on a
 # 2-core machine (2 threads). ONLY="vgg-w0.25-bn resnet20-w1-ln" runs just those (names as in
-# the output folders, without "cifar10-us-eu-"); EPOCHS sets the epochs (default 12). Recipe: crop + flip (CIFAR default), channels_last
+# the output folders, without "cifar10-us-eu-"); EPOCHS sets the epochs (default 12);
+# CENTRALIZED=--no-centralized skips the pooled-data baseline of the first run. Recipe: crop + flip (CIFAR default), channels_last
 # (default for conv models), bf16 auto (off on CPUs without AVX512-BF16/AMX), SGD Nesterov,
 # one-cycle with peak 0.1, label smoothing 0.1, weight decay 5e-4, batch 128.
 set -euo pipefail
@@ -18,7 +19,7 @@ run() {  # run NAME ARGS...: one simulation into results/cifar10-us-eu-NAME
     rebasin simulate "${common[@]}" "$@" --out "results/cifar10-us-eu-$name"
   fi
 }
-run vgg-w0.25-bn --model vgg --width 0.25 --norm batch
+run vgg-w0.25-bn --model vgg --width 0.25 --norm batch ${CENTRALIZED:-}
 run vgg-w0.5-bn --model vgg --width 0.5 --norm batch --no-centralized
 run resnet20-w1-ln --model resnet20 --width 1 --norm layer --no-centralized
 run resnet20-w1-bn --model resnet20 --width 1 --norm batch --no-centralized
