@@ -31,7 +31,6 @@ import torch
 
 from rebasin.names import BF16_MODES, SCHEDULE_NAMES, Bf16Mode, ScheduleName
 
-SCHEDULES = SCHEDULE_NAMES
 CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16", "bf16"})
 CPUINFO = Path("/proc/cpuinfo")
 # One-cycle shape (Smith & Topin 2017): start at max_lr / 25, end at max_lr / 25 / 1e4.
@@ -89,8 +88,8 @@ class TrainRecipe:
             raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
         if not (math.isfinite(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0):
             raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
-        if self.schedule is not None and self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule is not None and self.schedule not in SCHEDULE_NAMES:
+            raise ValueError(f"schedule must be one of {SCHEDULE_NAMES}, got {self.schedule!r}")
         if self.max_lr is not None and not (math.isfinite(self.max_lr) and self.max_lr > 0):
             raise ValueError(f"max_lr must be finite and > 0, got {self.max_lr}")
         if not (math.isfinite(self.warmup) and 0.0 < self.warmup < 1.0):
@@ -189,7 +188,7 @@ def make_scheduler(
         )
     if schedule == "constant":
         return None
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    raise ValueError(f"schedule must be one of {SCHEDULE_NAMES}, got {schedule!r}")
 
 
 def bf16_supported(device: torch.device | str) -> bool:
