@@ -4,8 +4,9 @@
 # 2-core machine (2 threads). ONLY="vgg-w0.25-bn resnet20-w1-ln" runs just those (names as in
 # the output folders, without "cifar10-us-eu-"); EPOCHS sets the epochs (default 12);
 # CENTRALIZED=--no-centralized skips the pooled-data baseline of the first run.
-# Recipe: crop + flip (CIFAR default), channels_last (default for conv models), bf16 auto (off on CPUs without AVX512-BF16/AMX), SGD Nesterov,
-# one-cycle with peak 0.1, label smoothing 0.1, weight decay 5e-4, batch 128.
+# Recipe: crop + flip (CIFAR default), channels_last (default for conv models), bf16 auto
+# (off on CPUs without AVX512-BF16/AMX), SGD Nesterov, one-cycle with peak 0.1, label
+# smoothing 0.1, weight decay 5e-4, batch 128.
 set -euo pipefail
 DATA="${REBASIN_DATA_DIR:-data}"
 EPOCHS="${EPOCHS:-12}"
