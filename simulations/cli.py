@@ -245,6 +245,13 @@ def simulate(
         Path | None, typer.Option(help="results directory (default: results/<run-name>)")
     ] = None,
     threads: ThreadsOption = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="keep the seeds --out/results.json already holds for the same settings",
+        ),
+    ] = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Train clients on split data, merge them naively and by re-basin, write a report.
@@ -303,7 +310,7 @@ def simulate(
     setup_logging(verbose)
     if download:
         fetch_dataset(dataset, data_dir)
-    _run(cfg, out_dir, data_dir, threads)
+    _run(cfg, out_dir, data_dir, threads, resume)
 
 
 def fetch_dataset(dataset: str, data_dir: Path | None) -> None:
@@ -333,12 +340,14 @@ def progress_bars(console):
     )
 
 
-def _run(cfg, out_dir: Path, data_dir: Path | None, threads: int | None) -> None:
+def _run(
+    cfg, out_dir: Path, data_dir: Path | None, threads: int | None, resume: bool = False
+) -> None:
     """Run ``cfg`` with progress bars; print a per-seed line and where the outputs are."""
     import torch
     from rich.console import Console
 
-    from simulations.experiment import run_simulate
+    from simulations.experiment import ResumeMismatchError, run_simulate
     from simulations.report import pct
 
     if threads is not None:
@@ -363,10 +372,18 @@ def _run(cfg, out_dir: Path, data_dir: Path | None, threads: int | None) -> None
     try:
         with progress:
             results = run_simulate(
-                cfg, out_dir, data_dir, progress=progress, command=command, on_seed=on_seed
+                cfg,
+                out_dir,
+                data_dir,
+                progress=progress,
+                command=command,
+                on_seed=on_seed,
+                resume=resume,
             )
     except FileNotFoundError as exc:
         raise fail(str(exc), code=1) from None
+    except ResumeMismatchError as exc:
+        raise fail(str(exc)) from None
     summary = results.get("one_shot", {}).get("summary")
     if summary is not None:
         line = ", ".join(f"{m} {pct(s['accuracy'])}" for m, s in summary["methods"].items())

@@ -34,6 +34,10 @@ SCENARIO_PARTITION: dict[str, str] = {
 SCENARIO_CLIENTS: dict[str, int] = {"us-eu": 2, "dirichlet": 5, "pathological": 5}
 
 
+class ResumeMismatchError(ValueError):
+    """An earlier ``results.json`` in the output folder was made with other settings."""
+
+
 class SimulateConfig(BaseModel):
     """Everything that defines a ``simulate`` run.
 
@@ -156,11 +160,14 @@ def run_simulate(
     progress: Progress | None = None,
     command: str = "",
     on_seed: Callable[[str, int, dict], None] | None = None,
+    resume: bool = False,
 ) -> dict:
     """Run every seed of ``cfg`` and write ``results.json``, ``report.md`` and the plots.
 
     ``results.json`` is rewritten after every seed, so an interrupted run keeps the seeds it
-    finished (the report and plots are written at the end).
+    finished (the report and plots are written at the end). With ``resume``, the seeds that
+    ``out_dir/results.json`` already holds for the same settings are kept, not rerun: a
+    long run can stop and go on later, or gain seeds.
 
     Parameters
     ----------
@@ -176,6 +183,8 @@ def run_simulate(
         The command line, recorded in the results and the report.
     on_seed
         Called as ``(mode, seed, seed_result)`` after each seed (for console summaries).
+    resume
+        Keep the finished seeds of an earlier run in ``out_dir`` (see :func:`finished_runs`).
 
     Returns
     -------
@@ -198,10 +207,26 @@ def run_simulate(
     out = Path(out_dir)
     k = cfg.experiment.num_clients
     results: dict = results_header(FORMAT, out, command, cfg, data_dir)
-    start = time.perf_counter()
+    done: dict[str, dict[int, dict]] = {"one_shot": {}, "multi_round": {}}
+    earlier_wall = 0.0
+    if resume and (out / "results.json").is_file():
+        earlier = read_results(out)
+        done = finished_runs(earlier, cfg)
+        earlier_wall = float(earlier.get("wall_seconds") or 0.0)
+        # Where the kept seeds ran: their own environments, oldest first.
+        results["earlier_environments"] = [
+            *earlier.get("earlier_environments", []),
+            {**earlier["environment"], "seeds": sorted({*done["one_shot"], *done["multi_round"]})},
+        ]
+    start = time.perf_counter() - earlier_wall
     if cfg.runs_oneshot:
         results["one_shot"] = {"runs": []}
         for seed in cfg.seeds:
+            if seed in done["one_shot"]:
+                run = done["one_shot"][seed]
+                results["one_shot"]["runs"].append(run)
+                results["one_shot"]["summary"] = summarize_oneshot(results["one_shot"]["runs"], k)
+                continue
             t0 = time.perf_counter()
             run = run_oneshot(cfg.experiment, seed, data_dir, progress)
             run["wall_seconds"] = time.perf_counter() - t0
@@ -215,6 +240,12 @@ def run_simulate(
         assert cfg.multi_round is not None  # the validator guarantees it
         results["multi_round"] = {"runs": []}
         for seed in cfg.seeds:
+            if seed in done["multi_round"]:
+                results["multi_round"]["runs"].append(done["multi_round"][seed])
+                results["multi_round"]["summary"] = summarize_multiround(
+                    results["multi_round"]["runs"], k
+                )
+                continue
             run = run_multiround(cfg.experiment, cfg.multi_round, seed, data_dir, progress)
             results["multi_round"]["runs"].append(run)
             results["multi_round"]["summary"] = summarize_multiround(
@@ -229,3 +260,37 @@ def run_simulate(
     plots = write_plots(written, out)
     write_report(written, out, plots)
     return written
+
+
+def finished_runs(earlier: dict, cfg: SimulateConfig) -> dict[str, dict[int, dict]]:
+    """The per-seed runs of an earlier ``results.json`` that ``cfg`` can keep, by mode and seed.
+
+    Only runs made with the same settings are kept: everything in ``config`` but ``seeds``
+    must be equal, else a :class:`ResumeMismatchError` names the settings that differ (a
+    resumed run mixes no seeds of two experiments).
+    """
+    mine = cfg.model_dump(mode="json")
+    theirs = dict(earlier.get("config") or {})
+    mine.pop("seeds")
+    theirs.pop("seeds", None)
+    if mine != theirs:
+        differ = sorted(_differences(mine, theirs))
+        raise ResumeMismatchError(
+            "cannot resume: the earlier results.json was made with other settings "
+            f"({', '.join(differ)}); use another --out or the same settings"
+        )
+    return {
+        mode: {run["seed"]: run for run in earlier.get(mode, {}).get("runs", [])}
+        for mode in ("one_shot", "multi_round")
+    }
+
+
+def _differences(a: object, b: object, prefix: str = "") -> list[str]:
+    """Dotted names of the settings where ``a`` and ``b`` differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [
+            name
+            for key in sorted({*a, *b})
+            for name in _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        ]
+    return [] if a == b else [prefix.rstrip(".")]

@@ -523,3 +523,67 @@ def test_vit_one_shot_also_merges_over_the_residual_stream_only(
     ]  # fmt: skip
     assert list(run["interpolation"]) == ["naive", "rebasin", "rebasin-stream"]
     assert (out / "interpolation.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_resume_keeps_finished_seeds_and_runs_only_the_missing_ones(
+    tiny_run: tuple[Path, dict, str],
+    tmp_path: Path,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import simulations.multiround
+    import simulations.oneshot
+
+    out, earlier, _ = tiny_run
+    copy = tmp_path / "resumed"
+    copy.mkdir()
+    (copy / "results.json").write_bytes((out / "results.json").read_bytes())
+    calls: list[tuple[str, int]] = []
+    real_oneshot, real_multiround = (
+        simulations.oneshot.run_oneshot,
+        simulations.multiround.run_multiround,
+    )
+
+    def oneshot(cfg, seed, *args, **kwargs):
+        calls.append(("one-shot", seed))
+        return real_oneshot(cfg, seed, *args, **kwargs)
+
+    def multiround(cfg, rounds, seed, *args, **kwargs):
+        calls.append(("multi-round", seed))
+        return real_multiround(cfg, rounds, seed, *args, **kwargs)
+
+    monkeypatch.setattr(simulations.oneshot, "run_oneshot", oneshot)
+    monkeypatch.setattr(simulations.multiround, "run_multiround", multiround)
+    base = TINY + ["--mode", "both", "--rounds", "2", "--data-dir", str(data_dir)]
+    args = base + ["--seeds", "0", "1", "2", "--out", str(copy), "--resume"]
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert calls == [("one-shot", 2), ("multi-round", 2)]
+    resumed = json.loads((copy / "results.json").read_text())
+    assert resumed["seeds"] == [0, 1, 2]
+    for mode in ("one_shot", "multi_round"):
+        runs = resumed[mode]["runs"]
+        assert [r["seed"] for r in runs] == [0, 1, 2]
+        assert runs[:2] == earlier[mode]["runs"]  # kept as they were, not rerun
+    assert resumed["one_shot"]["summary"]["best_client"]["accuracy"]["n"] == 3
+    assert resumed["earlier_environments"] == [{**earlier["environment"], "seeds": [0, 1]}]
+    assert resumed["wall_seconds"] >= earlier["wall_seconds"]
+
+    # Everything done: a resumed run trains nothing and keeps the file's runs.
+    calls.clear()
+    again = runner.invoke(cli.app, args)
+    assert again.exit_code == 0, again.output
+    assert calls == []
+    assert (
+        json.loads((copy / "results.json").read_text())["one_shot"]["runs"]
+        == (resumed["one_shot"]["runs"])
+    )
+
+    # Other settings: refused, naming them, and the file is left alone.
+    before = (copy / "results.json").read_bytes()
+    other = runner.invoke(cli.app, [*args, "--epochs", "2", "--lr", "0.1"])
+    assert other.exit_code == 2
+    assert "cannot resume: the earlier results.json was made with other settings" in other.output
+    assert "(experiment.epochs, experiment.lr)" in other.output
+    assert (copy / "results.json").read_bytes() == before
+    assert calls == []
