@@ -59,6 +59,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "simulations.study",
     "simulations.merge_cli",
     "simulations.robust_cli",
+    "simulations.compare",
 )
 
 app = typer.Typer(

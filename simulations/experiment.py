@@ -18,6 +18,7 @@ from rich.progress import Progress
 
 from simulations.multiround import MultiRoundConfig
 from simulations.oneshot import OneShotConfig
+from simulations.results import differing_settings
 from simulations.settings import check_seeds
 
 logger = logging.getLogger(__name__)
@@ -274,7 +275,7 @@ def finished_runs(earlier: dict, cfg: SimulateConfig) -> dict[str, dict[int, dic
     mine.pop("seeds")
     theirs.pop("seeds", None)
     if mine != theirs:
-        differ = sorted(_differences(mine, theirs))
+        differ = differing_settings(mine, theirs)
         raise ResumeMismatchError(
             "cannot resume: the earlier results.json was made with other settings "
             f"({', '.join(differ)}); use another --out or the same settings"
@@ -283,14 +284,3 @@ def finished_runs(earlier: dict, cfg: SimulateConfig) -> dict[str, dict[int, dic
         mode: {run["seed"]: run for run in earlier.get(mode, {}).get("runs", [])}
         for mode in ("one_shot", "multi_round")
     }
-
-
-def _differences(a: object, b: object, prefix: str = "") -> list[str]:
-    """Dotted names of the settings where ``a`` and ``b`` differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [
-            name
-            for key in sorted({*a, *b})
-            for name in _differences(a.get(key), b.get(key), f"{prefix}{key}.")
-        ]
-    return [] if a == b else [prefix.rstrip(".")]

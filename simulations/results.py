@@ -90,6 +90,17 @@ def sanitize(data: Any) -> Any:
 # class groups (regions)
 
 
+def differing_settings(a: object, b: object, prefix: str = "") -> list[str]:
+    """Dotted names of the settings where the JSON-like ``a`` and ``b`` differ, sorted."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [
+            name
+            for key in sorted({*a, *b})
+            for name in differing_settings(a.get(key), b.get(key), f"{prefix}{key}.")
+        ]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
 def class_homes(shard_class_counts: Sequence[Sequence[int]]) -> list[int]:
     """For every class, the client holding most of its training examples (lowest on ties).
 

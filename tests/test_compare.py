@@ -1,0 +1,128 @@
+"""``rebasin compare``: finished runs side by side, every number traced back to results.json.
+
+Two tiny MNIST MLP runs (widths 0.125 and 0.25, seeds 0 and 1) are the family; the numbers
+are meaningless, their agreement with the runs' files is what is checked.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rebasin.zoo import build_model
+from simulations import cli
+from simulations.compare import compare_runs
+from simulations.results import read_results
+
+runner = CliRunner()
+
+TINY = [
+    "simulate",
+    "--scenario", "us-eu",
+    "--dataset", "mnist",
+    "--model", "mlp",
+    "--epochs", "1",
+    "--batch-size", "32",
+    "--limit-per-class", "30",
+    "--test-limit-per-class", "30",
+    "--lambdas", "3",
+    "--max-iter", "20",
+    "--no-centralized",
+    "--seeds", "0", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> list[Path]:
+    """The wider run first: the comparison sorts by size, not by the order given."""
+    root = tmp_path_factory.mktemp("compare")
+    out = []
+    for width in ("0.25", "0.125"):
+        run = root / f"mlp-w{width}"
+        args = [*TINY, "--width", width, "--data-dir", str(data_dir), "--out", str(run)]
+        result = runner.invoke(cli.app, args)
+        assert result.exit_code == 0, result.output
+        out.append(run)
+    return out
+
+
+def test_compare_rows_come_from_the_runs(runs: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    result = runner.invoke(cli.app, ["compare", *map(str, runs), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "compare.json").read_text())
+    assert data["format"] == "rebasin-compare/1"
+    assert data["runs"] == ["mlp-w0.25", "mlp-w0.125"]
+    assert [r["run"] for r in data["rows"]] == ["mlp-w0.125", "mlp-w0.25"]  # by size
+    assert (out / "trend.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for row in data["rows"]:
+        results = read_results(runs[0].parent / row["run"])
+        width = results["config"]["experiment"]["width"]
+        model = build_model("mlp", "mnist", width=width)
+        assert row["params"] == sum(p.numel() for p in model.parameters())
+        assert row["family"] == "mlp"
+        best = [max(c["accuracy"] for c in r["clients"]) for r in results["one_shot"]["runs"]]
+        assert row["best_client"]["values"] == best
+        assert row["lowest_client"] == min(
+            c["accuracy"] for r in results["one_shot"]["runs"] for c in r["clients"]
+        )
+        for method, entry in row["methods"].items():
+            source = "rebasin+repair" if method == "repaired" else method
+            accs = [r["methods"][source]["accuracy"] for r in results["one_shot"]["runs"]]
+            assert entry["accuracy"]["values"] == accs
+            assert entry["gap"]["values"] == [a - b for a, b in zip(accs, best, strict=True)]
+        assert row["methods"]["repaired"]["method"] == "rebasin+repair"  # no BatchNorm
+        curves = results["one_shot"]["summary"]["interpolation"]
+        assert row["accuracy_barriers"] == {m: c["accuracy_barrier"] for m, c in curves.items()}
+    small, large = data["rows"]
+    assert data["trends"] == [
+        {
+            "family": "mlp",
+            "from": {"run": "mlp-w0.125", "params": small["params"]},
+            "to": {"run": "mlp-w0.25", "params": large["params"]},
+            "gap_from": small["methods"]["repaired"]["gap"]["mean"],
+            "gap_to": large["methods"]["repaired"]["gap"]["mean"],
+        }
+    ]
+    report = (out / "compare.md").read_text()
+    gap = small["methods"]["repaired"]["gap"]
+    cell = f"{100 * gap['mean']:+.2f} ± {100 * gap['std']:.2f}"
+    assert f"| mlp-w0.125 | {small['params']:,} |" in report
+    assert cell in report
+    assert (
+        f"- mlp: re-basin + repair is {100 * data['trends'][0]['gap_from']:+.2f} points from the "
+        f"best client at {small['params']:,} parameters and "
+        f"{100 * data['trends'][0]['gap_to']:+.2f} at {large['params']:,}."
+    ) in report
+
+
+def test_compare_refuses_runs_that_are_not_comparable(runs: list[Path], tmp_path: Path) -> None:
+    wide, narrow = (read_results(r) for r in runs)
+    with pytest.raises(ValueError, match="compare needs at least two runs, got 1"):
+        compare_runs([wide])
+    longer = copy.deepcopy(narrow)
+    longer["config"]["experiment"]["epochs"] = 3
+    longer["config"]["experiment"]["lr"] = 0.1
+    with pytest.raises(
+        ValueError,
+        match=r"runs 'mlp-w0.25' and 'mlp-w0.125' are both mlp but differ in "
+        r"experiment.epochs, experiment.lr: a family's runs may differ in width only",
+    ):
+        compare_runs([wide, longer])
+    with pytest.raises(ValueError, match=r"are the same experiment \(mlp at width 0.25\)"):
+        compare_runs([wide, copy.deepcopy(wide)])
+    other = copy.deepcopy(narrow)
+    other["config"]["experiment"]["dataset"] = "cifar10"
+    with pytest.raises(ValueError, match="has dataset 'cifar10', but 'mlp-w0.25' has 'mnist'"):
+        compare_runs([wide, other])
+    multi_only = copy.deepcopy(narrow)
+    del multi_only["one_shot"]
+    with pytest.raises(ValueError, match="run 'mlp-w0.125' has no one-shot runs to compare"):
+        compare_runs([wide, multi_only])
+    missing = runner.invoke(cli.app, ["compare", str(runs[0]), str(tmp_path / "none")])
+    assert missing.exit_code == 1
+    assert "no results.json in" in missing.output
