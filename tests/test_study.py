@@ -136,6 +136,7 @@ def test_permuted_copy_naive_barrier_positive_rebasin_zero(mlp_and_data) -> None
     for key in BARRIERS:
         assert abs(rebasin[key]) <= 1e-5, (key, rebasin[key])
     assert result["matching"]["sweeps"] >= 1
+    assert result["matching"]["objective_gain"] > 0  # undoing the permutation pays
 
 
 def test_permuted_copy_with_batchnorm(vgg_and_data) -> None:
