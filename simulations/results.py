@@ -91,7 +91,10 @@ def sanitize(data: Any) -> Any:
 
 
 def differing_settings(a: object, b: object, prefix: str = "") -> list[str]:
-    """Dotted names of the settings where the JSON-like ``a`` and ``b`` differ, sorted."""
+    """Dotted names of the settings where the JSON-like ``a`` and ``b`` differ, sorted.
+
+    A key that one side lacks counts as ``None`` there (a setting added later, left unset).
+    """
     if isinstance(a, dict) and isinstance(b, dict):
         return [
             name

@@ -13,14 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 from typer.testing import CliRunner
 
 from simulations import cli
-from simulations.local_grid import FIRST_NODE_ID, LocalGrid, server_identity
-from simulations.results import class_homes, group_accuracy, sanitize, series_stat, stat
 
 runner = CliRunner()
 
@@ -366,101 +361,6 @@ def test_scenarios_pick_their_partition_and_client_count(monkeypatch: pytest.Mon
     assert dirichlet.experiment.alpha == 0.3
     assert pathological.experiment.partition == "pathological"
     assert pathological.multi_round is None  # one-shot by default
-
-
-# ------------------------------------------------------------------------------------------
-# pieces
-
-
-def test_stat_is_mean_and_sample_std_skipping_undefined() -> None:
-    assert stat([1.0, 2.0, 4.0]) == {
-        "mean": 7 / 3,
-        "std": pytest.approx(np.std([1.0, 2.0, 4.0], ddof=1)),
-        "n": 3,
-        "values": [1.0, 2.0, 4.0],
-    }
-    assert stat([0.5]) == {"mean": 0.5, "std": 0.0, "n": 1, "values": [0.5]}
-    assert stat([float("nan"), 3.0, None]) == {
-        "mean": 3.0,
-        "std": 0.0,
-        "n": 1,
-        "values": [None, 3.0, None],
-    }
-    assert stat([None]) == {"mean": None, "std": None, "n": 0, "values": [None]}
-    assert series_stat([[1.0, 2.0], [3.0, 2.0]]) == {"mean": [2.0, 2.0], "std": [np.sqrt(2), 0.0]}
-    with pytest.raises(ValueError, match=r"one length, got lengths \[1, 2\]"):
-        series_stat([[1.0], [1.0, 2.0]])
-
-
-def test_sanitize_makes_strict_json() -> None:
-    data = {"a": float("nan"), "b": [np.float32(0.5), np.int64(3), float("inf")], 1: np.array([1])}
-    clean = sanitize(data)
-    assert clean == {"a": None, "b": [0.5, 3, None], "1": [1]}
-    json.dumps(clean, allow_nan=False)
-
-
-def test_class_homes_and_group_accuracy() -> None:
-    counts = [[24, 24, 6, 6], [6, 6, 24, 24]]
-    assert class_homes(counts) == [0, 0, 1, 1]
-    assert class_homes([[5, 1], [5, 2]]) == [0, 1]  # ties go to the lower client
-    assert group_accuracy([1.0, 0.5, 0.25, None], [0, 0, 1, 1], 0) == 0.75
-    assert group_accuracy([1.0, 0.5, 0.25, None], [0, 0, 1, 1], 1) == 0.25
-    assert group_accuracy([1.0], [0], 1) is None
-
-
-def _echo_app() -> ClientApp:
-    """A ClientApp that returns its partition id and changes the received arrays in place."""
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        arrays = msg.content.array_records["arrays"]
-        weights = arrays.to_torch_state_dict()["w"]
-        if context.node_config["partition-id"] == 1:
-            raise RuntimeError("disk full")
-        msg.content.array_records["arrays"] = ArrayRecord({"w": weights + 1})  # must not leak
-        metrics = MetricRecord(
-            {"partition": context.node_config["partition-id"], "num-examples": 1}
-        )
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
-
-    return app
-
-
-def test_local_grid_delivers_copies_and_turns_exceptions_into_error_replies() -> None:
-    grid = LocalGrid(_echo_app(), 3, {"k": 1}, run_id=7, node_config={"data-dir": "/d"})
-    assert list(grid.get_node_ids()) == [FIRST_NODE_ID, FIRST_NODE_ID + 1, FIRST_NODE_ID + 2]
-    assert grid.contexts[FIRST_NODE_ID + 2].node_config == {
-        "partition-id": 2,
-        "num-partitions": 3,
-        "data-dir": "/d",
-    }
-    record = ArrayRecord({"w": torch.zeros(2)})
-    with server_identity(grid.run.run_id):
-        messages = [
-            Message(
-                RecordDict({"arrays": record, "config": ConfigRecord({"server-round": 1})}),
-                node,
-                "train",
-            )
-            for node in grid.get_node_ids()
-        ]
-        replies = list(grid.send_and_receive(messages))
-    assert [r.metadata.src_node_id for r in replies] == list(grid.get_node_ids())
-    ok = [r for r in replies if not r.has_error()]
-    assert [int(r.content["metrics"]["partition"]) for r in ok] == [0, 2]
-    failed = [r for r in replies if r.has_error()]
-    assert len(failed) == 1
-    assert failed[0].error.code == 2  # Flower's CLIENT_APP_RAISED_EXCEPTION
-    assert failed[0].error.reason == "<class 'RuntimeError'>:<'disk full'>"
-    assert torch.equal(record.to_torch_state_dict()["w"], torch.zeros(2))  # server copy intact
-    assert all(
-        r.metadata.reply_to_message_id == m.metadata.message_id for r, m in zip(replies, messages)
-    )
-    assert list(grid.pull_messages([m.metadata.message_id for m in messages])) == []
-    with pytest.raises(ValueError, match="message for unknown node 5"):
-        with server_identity(7):
-            grid.push_messages([Message(RecordDict(), 5, "train")])
 
 
 def test_report_command_redraws_from_the_json(
