@@ -274,8 +274,8 @@ def finished_runs(earlier: dict, cfg: SimulateConfig) -> dict[str, dict[int, dic
     theirs = dict(earlier.get("config") or {})
     mine.pop("seeds")
     theirs.pop("seeds", None)
-    if mine != theirs:
-        differ = differing_settings(mine, theirs)
+    differ = differing_settings(mine, theirs)
+    if differ:
         raise ResumeMismatchError(
             "cannot resume: the earlier results.json was made with other settings "
             f"({', '.join(differ)}); use another --out or the same settings"

@@ -127,6 +127,13 @@ def _header(results: Mapping) -> list[str]:
         ),
         f"- Seeds: {seeds} (cells: mean ± sample std over the seeds)",
     ]
+    for earlier in results.get("earlier_environments", []):
+        kept = ", ".join(str(s) for s in earlier["seeds"])
+        lines.append(
+            f"- Resumed: seed(s) {kept} kept from the run of {earlier['date']} "
+            f"({earlier['cpu'] or 'unknown CPU'}, {earlier['torch_threads']} torch thread(s), "
+            f"torch {earlier['torch']})"
+        )
     runs = results.get("one_shot", {}).get("runs", [])
     if runs and "training" in runs[0]:
         lines.insert(-1, "- One-shot training: " + recipe_line(runs[0]["training"]))

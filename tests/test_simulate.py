@@ -468,6 +468,11 @@ def test_resume_keeps_finished_seeds_and_runs_only_the_missing_ones(
     assert resumed["one_shot"]["summary"]["best_client"]["accuracy"]["n"] == 3
     assert resumed["earlier_environments"] == [{**earlier["environment"], "seeds": [0, 1]}]
     assert resumed["wall_seconds"] >= earlier["wall_seconds"]
+    env = earlier["environment"]
+    assert (
+        f"- Resumed: seed(s) 0, 1 kept from the run of {env['date']} ({env['cpu']}, "
+        f"{env['torch_threads']} torch thread(s), torch {env['torch']})"
+    ) in (copy / "report.md").read_text()
 
     # Everything done: a resumed run trains nothing and keeps the file's runs.
     calls.clear()
