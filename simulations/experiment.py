@@ -35,6 +35,10 @@ SCENARIO_PARTITION: dict[str, str] = {
 SCENARIO_CLIENTS: dict[str, int] = {"us-eu": 2, "dirichlet": 5, "pathological": 5}
 
 
+# The setting a resumed run may switch on for its kept seeds.
+CENTRALIZED = "experiment.centralized"
+
+
 class ResumeMismatchError(ValueError):
     """An earlier ``results.json`` in the output folder was made with other settings."""
 
@@ -193,7 +197,7 @@ def run_simulate(
         The results as written to ``results.json``.
     """
     from simulations.multiround import run_multiround
-    from simulations.oneshot import run_oneshot
+    from simulations.oneshot import run_centralized, run_oneshot
     from simulations.plots import write_plots
     from simulations.report import write_report
     from simulations.results import (
@@ -220,14 +224,24 @@ def run_simulate(
             {**earlier["environment"], "seeds": sorted({*done["one_shot"], *done["multi_round"]})},
         ]
     start = time.perf_counter() - earlier_wall
+    changed = False  # whether anything was computed (a resumed run may have nothing to do)
     if cfg.runs_oneshot:
         results["one_shot"] = {"runs": []}
         for seed in cfg.seeds:
             if seed in done["one_shot"]:
                 run = done["one_shot"][seed]
+                if cfg.experiment.centralized and "centralized" not in run["methods"]:
+                    # Not written until the seeds agree again: the summary needs one set of
+                    # models per seed (an interrupted fill keeps the earlier file as it was).
+                    extra = run_centralized(cfg.experiment, seed, data_dir, progress)
+                    run = with_centralized(run, extra)
+                    changed = True
+                    if on_seed is not None:
+                        on_seed("one-shot", seed, run)
                 results["one_shot"]["runs"].append(run)
                 results["one_shot"]["summary"] = summarize_oneshot(results["one_shot"]["runs"], k)
                 continue
+            changed = True
             t0 = time.perf_counter()
             run = run_oneshot(cfg.experiment, seed, data_dir, progress)
             run["wall_seconds"] = time.perf_counter() - t0
@@ -247,6 +261,7 @@ def run_simulate(
                     results["multi_round"]["runs"], k
                 )
                 continue
+            changed = True
             run = run_multiround(cfg.experiment, cfg.multi_round, seed, data_dir, progress)
             results["multi_round"]["runs"].append(run)
             results["multi_round"]["summary"] = summarize_multiround(
@@ -256,6 +271,9 @@ def run_simulate(
             write_results(results, out)
             if on_seed is not None:
                 on_seed("multi-round", seed, run)
+    if changed:
+        results["wall_seconds"] = time.perf_counter() - start
+        write_results(results, out)
     # The report and the plots read the file back, so they show exactly what it holds.
     written = read_results(out)
     plots = write_plots(written, out)
@@ -268,13 +286,16 @@ def finished_runs(earlier: dict, cfg: SimulateConfig) -> dict[str, dict[int, dic
 
     Only runs made with the same settings are kept: everything in ``config`` but ``seeds``
     must be equal, else a :class:`ResumeMismatchError` names the settings that differ (a
-    resumed run mixes no seeds of two experiments).
+    resumed run mixes no seeds of two experiments). One exception: a run made without the
+    centralised baseline may gain it (``run_simulate`` trains it for the kept seeds).
     """
     mine = cfg.model_dump(mode="json")
     theirs = dict(earlier.get("config") or {})
     mine.pop("seeds")
     theirs.pop("seeds", None)
     differ = differing_settings(mine, theirs)
+    if differ == [CENTRALIZED] and mine["experiment"]["centralized"]:
+        differ = []  # a run may gain the centralised baseline: run_simulate adds it per seed
     if differ:
         raise ResumeMismatchError(
             "cannot resume: the earlier results.json was made with other settings "
@@ -283,4 +304,14 @@ def finished_runs(earlier: dict, cfg: SimulateConfig) -> dict[str, dict[int, dic
     return {
         mode: {run["seed"]: run for run in earlier.get(mode, {}).get("runs", [])}
         for mode in ("one_shot", "multi_round")
+    }
+
+
+def with_centralized(run: dict, centralized: dict) -> dict:
+    """A finished one-shot seed with the centralised baseline of :func:`run_centralized` added."""
+    return {
+        **run,
+        "methods": {**run["methods"], "centralized": centralized["metrics"]},
+        "train_seconds": {**run["train_seconds"], "centralized": centralized["train_seconds"]},
+        "wall_seconds": run.get("wall_seconds", 0.0) + centralized["train_seconds"],
     }

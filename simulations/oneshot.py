@@ -112,6 +112,77 @@ def spec_of(model: nn.Module) -> PermutationSpec:
     return spec_from_module(model)
 
 
+def load_split(
+    cfg: OneShotConfig, seed: int, data_dir: str | Path | None
+) -> tuple[LabeledData, LabeledData, list[np.ndarray]]:
+    """The training and test sets and the clients' shards of ``seed`` (no shard empty)."""
+    train_set = load_dataset(cfg.dataset, True, data_dir, limit_per_class=cfg.limit_per_class)
+    test_set = load_dataset(cfg.dataset, False, data_dir, limit_per_class=cfg.test_limit_per_class)
+    shards = split_clients(cfg, train_set.labels, seed)
+    sizes = [len(s) for s in shards]
+    if min(sizes) == 0:
+        raise ValueError(f"a client got no examples (shard sizes {sizes}); change the split")
+    return train_set, test_set, shards
+
+
+def fit(
+    cfg: OneShotConfig,
+    model: nn.Module,
+    data: LabeledData,
+    description: str,
+    seed: int,
+    progress: Progress | None,
+) -> float:
+    """Train ``model`` on ``data`` by ``cfg``'s recipe (loader and augmentation seeded by
+    ``seed``); return the seconds it took."""
+    start = time.perf_counter()
+    train(
+        model,
+        data.loader(cfg.batch_size, shuffle=True, seed=seed),
+        cfg.epochs,
+        cfg.lr,
+        optimizer=cfg.optimizer,
+        weight_decay=cfg.weight_decay,
+        progress=progress,
+        description=description,
+        recipe=cfg.recipe(),
+        seed=seed,
+    )
+    return time.perf_counter() - start
+
+
+def train_centralized(
+    cfg: OneShotConfig,
+    seed: int,
+    train_set: LabeledData,
+    shards: Sequence[np.ndarray],
+    progress: Progress | None = None,
+) -> tuple[nn.Module, float]:
+    """The centralised baseline: one model (seed ``1000 * seed + 999``) trained on the pooled
+    shards; returns it and its training seconds."""
+    init = 1000 * seed + 999
+    model = build_model(cfg.model, cfg.dataset, width=cfg.width, norm=cfg.norm, seed=init)
+    pooled = train_set.subset(np.concatenate(shards))
+    return model, fit(cfg, model, pooled, f"seed {seed}: centralized", init, progress)
+
+
+def run_centralized(
+    cfg: OneShotConfig,
+    seed: int,
+    data_dir: str | Path | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """The centralised baseline of one seed alone, as :func:`run_oneshot` makes it (the same
+    data, initialisation and order): ``{"metrics", "train_seconds"}``.
+
+    For runs made without it (``--resume`` adds it to their finished seeds).
+    """
+    torch.manual_seed(seed)
+    train_set, test_set, shards = load_split(cfg, seed, data_dir)
+    model, seconds = train_centralized(cfg, seed, train_set, shards, progress)
+    return {"metrics": model_metrics(model, test_set, cfg.batch_size), "train_seconds": seconds}
+
+
 def run_oneshot(
     cfg: OneShotConfig,
     seed: int,
@@ -123,41 +194,19 @@ def run_oneshot(
     Client ``i`` is initialised from seed ``1000 * seed + i`` and sees only its shard.
     """
     torch.manual_seed(seed)
-    train_set = load_dataset(cfg.dataset, True, data_dir, limit_per_class=cfg.limit_per_class)
-    test_set = load_dataset(cfg.dataset, False, data_dir, limit_per_class=cfg.test_limit_per_class)
-    shards = split_clients(cfg, train_set.labels, seed)
+    train_set, test_set, shards = load_split(cfg, seed, data_dir)
     sizes = [len(s) for s in shards]
-    if min(sizes) == 0:
-        raise ValueError(f"a client got no examples (shard sizes {sizes}); change the split")
-
-    def fresh(init_seed: int) -> nn.Module:
-        return build_model(cfg.model, cfg.dataset, width=cfg.width, norm=cfg.norm, seed=init_seed)
-
-    recipe = cfg.recipe()
-
-    def fit(model: nn.Module, data: LabeledData, name: str, loader_seed: int) -> nn.Module:
-        start = time.perf_counter()
-        train(
-            model,
-            data.loader(cfg.batch_size, shuffle=True, seed=loader_seed),
-            cfg.epochs,
-            cfg.lr,
-            optimizer=cfg.optimizer,
-            weight_decay=cfg.weight_decay,
-            progress=progress,
-            description=f"seed {seed}: {name}",
-            recipe=recipe,
-            seed=loader_seed,
-        )
-        train_seconds[name] = time.perf_counter() - start
-        return model
-
     train_seconds: dict[str, float] = {}
-
-    clients = [
-        fit(fresh(1000 * seed + i), train_set.subset(idx), f"client {i}", 1000 * seed + i)
-        for i, idx in enumerate(shards)
-    ]
+    clients = []
+    for i, idx in enumerate(shards):
+        model = build_model(
+            cfg.model, cfg.dataset, width=cfg.width, norm=cfg.norm, seed=1000 * seed + i
+        )
+        name = f"client {i}"
+        train_seconds[name] = fit(
+            cfg, model, train_set.subset(idx), f"seed {seed}: {name}", 1000 * seed + i, progress
+        )
+        clients.append(model)
     template = clients[0]
     spec = spec_of(template)
     states = [m.state_dict() for m in clients]
@@ -221,18 +270,15 @@ def run_oneshot(
         "clients": [model_metrics(m, test_set, cfg.batch_size) for m in clients],
         "methods": {name: model_metrics(m, test_set, cfg.batch_size) for name, m in models.items()},
         "merge_seconds": timings,
-        "training": resolve(recipe, "cpu", cfg.optimizer, cfg.lr).as_dict(),
+        "training": resolve(cfg.recipe(), "cpu", cfg.optimizer, cfg.lr).as_dict(),
         "train_seconds": train_seconds,
     }
     logits = [predict_logits(m, test_set.loader(cfg.batch_size)) for m in clients]
     mean_logits = sum(w * lg for w, (lg, _) in zip(sizes, logits)) / sum(sizes)
     results["methods"]["ensemble"] = logit_metrics(mean_logits, logits[0][1], test_set.num_classes)
     if cfg.centralized:
-        pooled_model = fit(
-            fresh(1000 * seed + 999),
-            train_set.subset(np.concatenate(shards)),
-            "centralized",
-            1000 * seed + 999,
+        pooled_model, train_seconds["centralized"] = train_centralized(
+            cfg, seed, train_set, shards, progress
         )
         results["methods"]["centralized"] = model_metrics(pooled_model, test_set, cfg.batch_size)
     if len(clients) >= 2:

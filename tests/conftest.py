@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import REPO_ROOT, find_data_dir, require, synthetic_cifar10
+from tiny_runs import TINY
 
 DATA_DIR = find_data_dir()
 os.environ["REBASIN_DATA_DIR"] = str(DATA_DIR)  # absolute: subprocesses find it from any cwd
@@ -43,3 +44,26 @@ def serverapp_run() -> Iterator[None]:
 
     with server_identity(run_id=1):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, dict, str]:
+    """One tiny ``--mode both`` run over two seeds: (results dir, results.json, report.md)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from simulations import cli
+
+    out = tmp_path_factory.mktemp("sim") / "tiny"
+    args = TINY + [
+        "--seeds", "0", "1",
+        "--mode", "both",
+        "--rounds", "2",
+        "--data-dir", str(data_dir),
+        "--out", str(out),
+    ]  # fmt: skip
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    return out, results, (out / "report.md").read_text()

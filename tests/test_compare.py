@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_runs import TINY
 from typer.testing import CliRunner
 
 from rebasin.zoo import build_model
@@ -20,20 +21,8 @@ from simulations.results import read_results
 
 runner = CliRunner()
 
-TINY = [
-    "simulate",
-    "--scenario", "us-eu",
-    "--dataset", "mnist",
-    "--model", "mlp",
-    "--epochs", "1",
-    "--batch-size", "32",
-    "--limit-per-class", "30",
-    "--test-limit-per-class", "30",
-    "--lambdas", "3",
-    "--max-iter", "20",
-    "--no-centralized",
-    "--seeds", "0", "1",
-]  # fmt: skip
+# The shared tiny run without the centralised baseline; a later --width wins over TINY's.
+ARGS = [*TINY, "--no-centralized", "--seeds", "0", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +32,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> list[Path]
     out = []
     for width in ("0.25", "0.125"):
         run = root / f"mlp-w{width}"
-        args = [*TINY, "--width", width, "--data-dir", str(data_dir), "--out", str(run)]
+        args = [*ARGS, "--width", width, "--data-dir", str(data_dir), "--out", str(run)]
         result = runner.invoke(cli.app, args)
         assert result.exit_code == 0, result.output
         out.append(run)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_runs import TINY
 from typer.testing import CliRunner
 
 from simulations import cli
@@ -20,19 +21,6 @@ from simulations import cli
 runner = CliRunner()
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TINY = [
-    "simulate",
-    "--scenario", "us-eu",
-    "--dataset", "mnist",
-    "--model", "mlp",
-    "--width", "0.125",
-    "--epochs", "1",
-    "--batch-size", "32",
-    "--limit-per-class", "30",
-    "--test-limit-per-class", "30",
-    "--lambdas", "3",
-    "--max-iter", "20",
-]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------
@@ -71,23 +59,6 @@ def assert_shown(text: str, entry: dict, scale: float, digits: int) -> None:
     half = 0.5 * 10**-digits + 1e-9
     assert abs(mean - scale * entry["mean"]) <= half, (text, entry)
     assert abs(std - scale * entry["std"]) <= half, (text, entry)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, dict, str]:
-    """One tiny ``--mode both`` run over two seeds: (results dir, results.json, report.md)."""
-    out = tmp_path_factory.mktemp("sim") / "tiny"
-    args = TINY + [
-        "--seeds", "0", "1",
-        "--mode", "both",
-        "--rounds", "2",
-        "--data-dir", str(data_dir),
-        "--out", str(out),
-    ]  # fmt: skip
-    result = runner.invoke(cli.app, args)
-    assert result.exit_code == 0, result.output
-    results = json.loads((out / "results.json").read_text())
-    return out, results, (out / "report.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------
@@ -300,7 +271,9 @@ def test_list_options_take_several_values(
     monkeypatch: pytest.MonkeyPatch, args: list[str], seeds: tuple, strategies: tuple
 ) -> None:
     captured = {}
-    monkeypatch.setattr(cli, "_run", lambda cfg, out, data_dir, threads: captured.update(cfg=cfg))
+    monkeypatch.setattr(
+        cli, "_run", lambda cfg, out, data_dir, threads, resume: captured.update(cfg=cfg)
+    )
     result = runner.invoke(cli.app, ["simulate", "--mode", "both", *args, "--rounds", "3"])
     assert result.exit_code == 0, result.output
     cfg = captured["cfg"]
@@ -314,7 +287,9 @@ def test_training_options_reach_the_recipe(monkeypatch: pytest.MonkeyPatch) -> N
     from rebasin.recipe import TrainRecipe
 
     captured = []
-    monkeypatch.setattr(cli, "_run", lambda cfg, out, data_dir, threads: captured.append(cfg))
+    monkeypatch.setattr(
+        cli, "_run", lambda cfg, out, data_dir, threads, resume: captured.append(cfg)
+    )
     cifar = ["simulate", "--dataset", "cifar10", "--model", "vgg"]
     options = [
         "--label-smoothing", "0.1", "--schedule", "onecycle", "--max-lr", "0.1", "--nesterov",
@@ -353,7 +328,9 @@ def test_tiny_run_records_the_training_it_used(tiny_run: tuple[Path, dict, str])
 
 def test_scenarios_pick_their_partition_and_client_count(monkeypatch: pytest.MonkeyPatch) -> None:
     captured = []
-    monkeypatch.setattr(cli, "_run", lambda cfg, out, data_dir, threads: captured.append(cfg))
+    monkeypatch.setattr(
+        cli, "_run", lambda cfg, out, data_dir, threads, resume: captured.append(cfg)
+    )
     for args in (["--scenario", "dirichlet", "--alpha", "0.3"], ["--scenario", "pathological"]):
         assert runner.invoke(cli.app, ["simulate", *args]).exit_code == 0
     dirichlet, pathological = captured
@@ -423,72 +400,3 @@ def test_vit_one_shot_also_merges_over_the_residual_stream_only(
     ]  # fmt: skip
     assert list(run["interpolation"]) == ["naive", "rebasin", "rebasin-stream"]
     assert (out / "interpolation.png").read_bytes().startswith(PNG_SIGNATURE)
-
-
-def test_resume_keeps_finished_seeds_and_runs_only_the_missing_ones(
-    tiny_run: tuple[Path, dict, str],
-    tmp_path: Path,
-    data_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import simulations.multiround
-    import simulations.oneshot
-
-    out, earlier, _ = tiny_run
-    copy = tmp_path / "resumed"
-    copy.mkdir()
-    (copy / "results.json").write_bytes((out / "results.json").read_bytes())
-    calls: list[tuple[str, int]] = []
-    real_oneshot, real_multiround = (
-        simulations.oneshot.run_oneshot,
-        simulations.multiround.run_multiround,
-    )
-
-    def oneshot(cfg, seed, *args, **kwargs):
-        calls.append(("one-shot", seed))
-        return real_oneshot(cfg, seed, *args, **kwargs)
-
-    def multiround(cfg, rounds, seed, *args, **kwargs):
-        calls.append(("multi-round", seed))
-        return real_multiround(cfg, rounds, seed, *args, **kwargs)
-
-    monkeypatch.setattr(simulations.oneshot, "run_oneshot", oneshot)
-    monkeypatch.setattr(simulations.multiround, "run_multiround", multiround)
-    base = TINY + ["--mode", "both", "--rounds", "2", "--data-dir", str(data_dir)]
-    args = base + ["--seeds", "0", "1", "2", "--out", str(copy), "--resume"]
-    result = runner.invoke(cli.app, args)
-    assert result.exit_code == 0, result.output
-    assert calls == [("one-shot", 2), ("multi-round", 2)]
-    resumed = json.loads((copy / "results.json").read_text())
-    assert resumed["seeds"] == [0, 1, 2]
-    for mode in ("one_shot", "multi_round"):
-        runs = resumed[mode]["runs"]
-        assert [r["seed"] for r in runs] == [0, 1, 2]
-        assert runs[:2] == earlier[mode]["runs"]  # kept as they were, not rerun
-    assert resumed["one_shot"]["summary"]["best_client"]["accuracy"]["n"] == 3
-    assert resumed["earlier_environments"] == [{**earlier["environment"], "seeds": [0, 1]}]
-    assert resumed["wall_seconds"] >= earlier["wall_seconds"]
-    env = earlier["environment"]
-    assert (
-        f"- Resumed: seed(s) 0, 1 kept from the run of {env['date']} ({env['cpu']}, "
-        f"{env['torch_threads']} torch thread(s), torch {env['torch']})"
-    ) in (copy / "report.md").read_text()
-
-    # Everything done: a resumed run trains nothing and keeps the file's runs.
-    calls.clear()
-    again = runner.invoke(cli.app, args)
-    assert again.exit_code == 0, again.output
-    assert calls == []
-    assert (
-        json.loads((copy / "results.json").read_text())["one_shot"]["runs"]
-        == (resumed["one_shot"]["runs"])
-    )
-
-    # Other settings: refused, naming them, and the file is left alone.
-    before = (copy / "results.json").read_bytes()
-    other = runner.invoke(cli.app, [*args, "--epochs", "2", "--lr", "0.1"])
-    assert other.exit_code == 2
-    assert "cannot resume: the earlier results.json was made with other settings" in other.output
-    assert "(experiment.epochs, experiment.lr)" in other.output
-    assert (copy / "results.json").read_bytes() == before
-    assert calls == []
