@@ -5,20 +5,23 @@
 # the output folders, without "cifar10-us-eu-"); EPOCHS sets the epochs (default 20: at 15 a
 # client stayed below 75 %); CENTRALIZED=--no-centralized skips the pooled-data baseline of
 # the first run. Runs resume: started again, a run keeps the seeds its results.json holds.
+# OUT_ROOT (default results) is where the run folders go: OUT_ROOT=docs/results writes each
+# seed's results.json where it can be committed, so a run spans sessions (commit, resume).
 # Recipe: crop + flip (CIFAR default), channels_last (default for conv models), bf16 auto
 # (off on CPUs without AVX512-BF16/AMX), SGD Nesterov, one-cycle with peak 0.1, label
 # smoothing 0.1, weight decay 5e-4, batch 128.
 set -euo pipefail
 DATA="${REBASIN_DATA_DIR:-data}"
 EPOCHS="${EPOCHS:-20}"
+OUT_ROOT="${OUT_ROOT:-results}"
 common=(--scenario us-eu --dataset cifar10 --seeds 0 1 2 --epochs "$EPOCHS" --lr 0.1
         --schedule onecycle --max-lr 0.1 --nesterov --label-smoothing 0.1 --weight-decay 5e-4
         --batch-size 128 --threads 2 --data-dir "$DATA" --resume)
-run() {  # run NAME ARGS...: one simulation into results/cifar10-us-eu-NAME
+run() {  # run NAME ARGS...: one simulation into $OUT_ROOT/cifar10-us-eu-NAME
   local name=$1
   shift
   if [[ -z "${ONLY:-}" || " $ONLY " == *" $name "* ]]; then
-    rebasin simulate "${common[@]}" "$@" --out "results/cifar10-us-eu-$name"
+    rebasin simulate "${common[@]}" "$@" --out "$OUT_ROOT/cifar10-us-eu-$name"
   fi
 }
 run vgg-w0.25-bn --model vgg --width 0.25 --norm batch ${CENTRALIZED:-}
