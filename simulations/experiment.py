@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.progress import Progress
 
+from rebasin.recipe import resolve
 from simulations.multiround import MultiRoundConfig
 from simulations.oneshot import OneShotConfig
 from simulations.results import differing_settings
@@ -215,7 +216,10 @@ def run_simulate(
     done: dict[str, dict[int, dict]] = {"one_shot": {}, "multi_round": {}}
     earlier_wall = 0.0
     if resume and (out / "results.json").is_file():
-        earlier = read_results(out)
+        try:
+            earlier = read_results(out)
+        except ValueError as exc:
+            raise ResumeMismatchError(f"cannot resume: {exc}") from None
         done = finished_runs(earlier, cfg)
         earlier_wall = float(earlier.get("wall_seconds") or 0.0)
         # Where the kept seeds ran: their own environments, oldest first.
@@ -224,56 +228,57 @@ def run_simulate(
             {**earlier["environment"], "seeds": sorted({*done["one_shot"], *done["multi_round"]})},
         ]
     start = time.perf_counter() - earlier_wall
+    modes = [
+        mode
+        for mode, on in (("one_shot", cfg.runs_oneshot), ("multi_round", cfg.runs_multiround))
+        if on
+    ]
+    summarize = {"one_shot": summarize_oneshot, "multi_round": summarize_multiround}
+    # Every run the file will hold, by mode and seed: the kept ones from the start, so each
+    # write (after every new seed) holds all of them, in the order of cfg.seeds.
+    runs = {mode: dict(done[mode]) for mode in modes}
+
+    def save() -> None:
+        for mode in modes:
+            held = [runs[mode][seed] for seed in cfg.seeds if seed in runs[mode]]
+            if held:
+                results[mode] = {"runs": held, "summary": summarize[mode](held, k)}
+        results["wall_seconds"] = time.perf_counter() - start
+        write_results(results, out)
+
     changed = False  # whether anything was computed (a resumed run may have nothing to do)
-    if cfg.runs_oneshot:
-        results["one_shot"] = {"runs": []}
+    if "one_shot" in runs and cfg.experiment.centralized:
+        # Kept seeds made without the centralised baseline gain it. They are written together
+        # once all have it (the summary needs one set of models per seed), so an interrupted
+        # fill leaves the earlier file as it was.
+        kept = runs["one_shot"]
+        lacking = [s for s in cfg.seeds if s in kept and "centralized" not in kept[s]["methods"]]
+        for seed in lacking:
+            extra = run_centralized(cfg.experiment, seed, data_dir, progress)
+            runs["one_shot"][seed] = with_centralized(runs["one_shot"][seed], extra)
+            if on_seed is not None:
+                on_seed("one-shot", seed, runs["one_shot"][seed])
+        if lacking:
+            changed = True
+            save()
+    for mode in modes:
         for seed in cfg.seeds:
-            if seed in done["one_shot"]:
-                run = done["one_shot"][seed]
-                if cfg.experiment.centralized and "centralized" not in run["methods"]:
-                    # Not written until the seeds agree again: the summary needs one set of
-                    # models per seed (an interrupted fill keeps the earlier file as it was).
-                    extra = run_centralized(cfg.experiment, seed, data_dir, progress)
-                    run = with_centralized(run, extra)
-                    changed = True
-                    if on_seed is not None:
-                        on_seed("one-shot", seed, run)
-                results["one_shot"]["runs"].append(run)
-                results["one_shot"]["summary"] = summarize_oneshot(results["one_shot"]["runs"], k)
+            if seed in runs[mode]:
                 continue
             changed = True
             t0 = time.perf_counter()
-            run = run_oneshot(cfg.experiment, seed, data_dir, progress)
-            run["wall_seconds"] = time.perf_counter() - t0
-            results["one_shot"]["runs"].append(run)
-            results["one_shot"]["summary"] = summarize_oneshot(results["one_shot"]["runs"], k)
-            results["wall_seconds"] = time.perf_counter() - start
-            write_results(results, out)
+            if mode == "one_shot":
+                run = run_oneshot(cfg.experiment, seed, data_dir, progress)
+                run["wall_seconds"] = time.perf_counter() - t0
+            else:
+                assert cfg.multi_round is not None  # the validator guarantees it
+                run = run_multiround(cfg.experiment, cfg.multi_round, seed, data_dir, progress)
+            runs[mode][seed] = run
+            save()
             if on_seed is not None:
-                on_seed("one-shot", seed, run)
-    if cfg.runs_multiround:
-        assert cfg.multi_round is not None  # the validator guarantees it
-        results["multi_round"] = {"runs": []}
-        for seed in cfg.seeds:
-            if seed in done["multi_round"]:
-                results["multi_round"]["runs"].append(done["multi_round"][seed])
-                results["multi_round"]["summary"] = summarize_multiround(
-                    results["multi_round"]["runs"], k
-                )
-                continue
-            changed = True
-            run = run_multiround(cfg.experiment, cfg.multi_round, seed, data_dir, progress)
-            results["multi_round"]["runs"].append(run)
-            results["multi_round"]["summary"] = summarize_multiround(
-                results["multi_round"]["runs"], k
-            )
-            results["wall_seconds"] = time.perf_counter() - start
-            write_results(results, out)
-            if on_seed is not None:
-                on_seed("multi-round", seed, run)
+                on_seed(mode.replace("_", "-"), seed, run)
     if changed:
-        results["wall_seconds"] = time.perf_counter() - start
-        write_results(results, out)
+        save()
     # The report and the plots read the file back, so they show exactly what it holds.
     written = read_results(out)
     plots = write_plots(written, out)
@@ -287,7 +292,9 @@ def finished_runs(earlier: dict, cfg: SimulateConfig) -> dict[str, dict[int, dic
     Only runs made with the same settings are kept: everything in ``config`` but ``seeds``
     must be equal, else a :class:`ResumeMismatchError` names the settings that differ (a
     resumed run mixes no seeds of two experiments). One exception: a run made without the
-    centralised baseline may gain it (``run_simulate`` trains it for the kept seeds).
+    centralised baseline may gain it (``run_simulate`` trains it for the kept seeds). The kept
+    seeds must all be in ``cfg.seeds`` (the file is rewritten with ``cfg.seeds``' runs only),
+    and they must have trained as this machine would (:func:`check_same_training`).
     """
     mine = cfg.model_dump(mode="json")
     theirs = dict(earlier.get("config") or {})
@@ -301,10 +308,43 @@ def finished_runs(earlier: dict, cfg: SimulateConfig) -> dict[str, dict[int, dic
             "cannot resume: the earlier results.json was made with other settings "
             f"({', '.join(differ)}); use another --out or the same settings"
         )
-    return {
+    kept = {
         mode: {run["seed"]: run for run in earlier.get(mode, {}).get("runs", [])}
         for mode in ("one_shot", "multi_round")
     }
+    left_out = sorted({*kept["one_shot"], *kept["multi_round"]} - set(cfg.seeds))
+    if left_out:
+        # Rewriting the file with fewer seeds would throw finished ones away.
+        every = sorted({*kept["one_shot"], *kept["multi_round"], *cfg.seeds})
+        raise ResumeMismatchError(
+            f"cannot resume: the earlier results.json holds seed(s) "
+            f"{', '.join(map(str, left_out))} that --seeds leaves out; list every seed "
+            f"(--seeds {' '.join(map(str, every))})"
+        )
+    check_same_training(kept["one_shot"].values(), cfg)
+    return kept
+
+
+def check_same_training(runs: Iterable[dict], cfg: SimulateConfig) -> None:
+    """Refuse to add seeds that would train otherwise than the kept ``runs`` did.
+
+    The settings can be equal while training is not: ``bf16 = "auto"`` gives fp32 on one CPU
+    and bf16 on another. Each kept run's resolved recipe (``training``) must be the one this
+    machine resolves for ``cfg``; only whether bf16 is supported may differ.
+    """
+    exp = cfg.experiment
+    here = resolve(exp.recipe(), "cpu", exp.optimizer, exp.lr).as_dict()
+    here.pop("bf16_supported")
+    for run in runs:
+        there = {k: v for k, v in run.get("training", here).items() if k != "bf16_supported"}
+        differ = sorted(k for k in {*here, *there} if here.get(k) != there.get(k))
+        if differ:
+            shown = ", ".join(f"{k}: {there.get(k)!r} there, {here.get(k)!r} here" for k in differ)
+            raise ResumeMismatchError(
+                f"cannot resume: seed {run['seed']} was trained otherwise than this machine "
+                f"would train the new seeds ({shown}); set them explicitly (e.g. --bf16 off) "
+                "or use another --out"
+            )
 
 
 def with_centralized(run: dict, centralized: dict) -> dict:

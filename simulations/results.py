@@ -332,14 +332,18 @@ def read_json(out_dir: Path, filename: str, file_format: str, kind: str = "file"
     FileNotFoundError
         If there is no such file.
     ValueError
-        If its format differs, naming the file as ``a <file_format> <kind>``.
+        If it is not JSON or its format differs, naming the file as ``a <file_format> <kind>``.
     """
     path = out_dir / filename
     if not path.is_file():
         raise FileNotFoundError(f"no {filename} in {out_dir}")
-    data = json.loads(path.read_text())
-    if data.get("format") != file_format:
-        raise ValueError(f"{path} is not a {file_format} {kind} (format {data.get('format')!r})")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a {file_format} {kind} (not JSON: {exc})") from None
+    if not isinstance(data, dict) or data.get("format") != file_format:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path} is not a {file_format} {kind} (format {found!r})")
     return data
 
 

@@ -143,3 +143,80 @@ def test_resume_adds_the_centralized_baseline_to_finished_seeds(
     )
     assert refused.exit_code == 2
     assert "other settings (experiment.centralized)" in refused.output
+
+
+def _copy_of(results: dict, folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_resume_refuses_what_would_lose_or_mix_seeds(
+    tiny_run: tuple[Path, dict, str], tmp_path: Path, data_dir: Path
+) -> None:
+    _, earlier, _ = tiny_run
+    args = TINY + ["--mode", "both", "--rounds", "2", "--data-dir", str(data_dir), "--resume"]
+
+    # Seeds the file holds but --seeds leaves out would be dropped from the rewritten file.
+    copy = _copy_of(earlier, tmp_path / "fewer")
+    before = (copy / "results.json").read_bytes()
+    fewer = runner.invoke(cli.app, [*args, "--seeds", "1", "2", "--out", str(copy)])
+    assert fewer.exit_code == 2
+    assert (
+        "cannot resume: the earlier results.json holds seed(s) 0 that --seeds leaves out; "
+        "list every seed (--seeds 0 1 2)"
+    ) in " ".join(fewer.output.split())
+    assert (copy / "results.json").read_bytes() == before
+
+    # The same settings, but a kept seed trained otherwise than this machine would.
+    other = json.loads(json.dumps(earlier))
+    other["one_shot"]["runs"][1]["training"]["label_smoothing"] = 0.3
+    copy = _copy_of(other, tmp_path / "trained-otherwise")
+    refused = runner.invoke(cli.app, [*args, "--seeds", "0", "1", "2", "--out", str(copy)])
+    assert refused.exit_code == 2
+    assert (
+        "cannot resume: seed 1 was trained otherwise than this machine would train the new "
+        "seeds (label_smoothing: 0.3 there, 0.0 here)"
+    ) in " ".join(refused.output.split())
+
+    # A file that is not a results file is named, not a traceback.
+    copy = tmp_path / "corrupt"
+    copy.mkdir()
+    (copy / "results.json").write_text("{not json")
+    corrupt = runner.invoke(cli.app, [*args, "--seeds", "0", "--out", str(copy)])
+    assert corrupt.exit_code == 2
+    flat = " ".join(corrupt.output.split())
+    assert "cannot resume:" in flat
+    assert "is not a rebasin-simulate/1 results file (not JSON:" in flat
+
+
+def test_an_interrupted_resume_keeps_every_finished_seed(
+    tiny_run: tuple[Path, dict, str],
+    tmp_path: Path,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import simulations.multiround
+
+    _, full, _ = tiny_run
+    # The file holds seed 1 of both modes; the resumed run adds seed 0 and stops during
+    # its multi-round run. Each write holds every finished run, kept ones included.
+    only_1 = json.loads(json.dumps(full))
+    for mode in ("one_shot", "multi_round"):
+        only_1[mode]["runs"] = [r for r in only_1[mode]["runs"] if r["seed"] == 1]
+    copy = _copy_of(only_1, tmp_path / "interrupted")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simulations.multiround, "run_multiround", interrupted)
+    args = TINY + ["--mode", "both", "--rounds", "2", "--data-dir", str(data_dir)]
+    result = runner.invoke(cli.app, [*args, "--seeds", "0", "1", "--out", str(copy), "--resume"])
+    assert result.exit_code != 0
+    written = json.loads((copy / "results.json").read_text())
+    assert [r["seed"] for r in written["one_shot"]["runs"]] == [0, 1]
+    # Seed 0 is the fresh run's seed 0; seed 1 is kept as it was.
+    assert written["one_shot"]["runs"][0]["methods"] == full["one_shot"]["runs"][0]["methods"]
+    assert written["one_shot"]["runs"][1] == full["one_shot"]["runs"][1]
+    assert written["one_shot"]["summary"]["methods"] == full["one_shot"]["summary"]["methods"]
+    assert written["multi_round"]["runs"] == [full["multi_round"]["runs"][1]]
