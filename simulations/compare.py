@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from simulations.results import read_json, read_results, stat, write_json
+from simulations.results import differing_settings, read_json, read_results, stat, write_json
 
 FORMAT = "rebasin-compare/1"
 COMPARE_FILE = "compare.json"
@@ -66,6 +66,12 @@ def run_row(results: Mapping) -> dict:
         raise ValueError(f"run {name!r} has no one-shot runs to compare")
     experiment = results["config"]["experiment"]
     runs = section["runs"]
+    held = [run["seed"] for run in runs]
+    if held != list(results["seeds"]):
+        raise ValueError(
+            f"run {name!r} is not finished: it holds seed(s) {', '.join(map(str, held))} of "
+            f"{', '.join(map(str, results['seeds']))} (resume it first)"
+        )
     best = [max(c["accuracy"] for c in run["clients"]) for run in runs]
     methods: dict[str, dict] = {}
     for method in runs[0]["methods"]:
@@ -111,15 +117,31 @@ def compare_runs(results: Sequence[Mapping]) -> dict:
     """
     if len(results) < 2:
         raise ValueError(f"compare needs at least two runs, got {len(results)}")
-    rows = [run_row(r) for r in results]
-    first = rows[0]
-    for row in rows[1:]:
-        for key in ("dataset", "scenario"):
-            if row[key] != first[key]:
-                raise ValueError(
-                    f"run {row['run']!r} has {key} {row[key]!r}, but {first['run']!r} has "
-                    f"{first[key]!r}: compare runs of one {key}"
-                )
+    names = [r["name"] for r in results]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(
+            f"two runs are named {twice[0]!r} (a run is named by its folder): compare runs of "
+            "distinct folder names"
+        )
+    rows = []
+    for r in results:
+        try:
+            rows.append(run_row(r))
+        except KeyError as exc:
+            raise ValueError(
+                f"run {r.get('name')!r} lacks {exc} (not a complete rebasin-simulate/1 run)"
+            ) from None
+    first, first_data = rows[0], shared_settings(results[0])
+    for row, result in zip(rows[1:], results[1:], strict=True):
+        data = shared_settings(result)
+        differ = differing_settings(first_data, data)
+        if differ:
+            key = differ[0]
+            raise ValueError(
+                f"run {row['run']!r} has {key} {data.get(key)!r}, but {first['run']!r} has "
+                f"{first_data.get(key)!r}: compare runs of one data set, split and seeds"
+            )
     _check_families(results, rows)
     rows.sort(key=lambda r: (r["family"], r["params"]))
     return {
@@ -130,9 +152,29 @@ def compare_runs(results: Sequence[Mapping]) -> dict:
     }
 
 
+# The settings every compared run shares (the rows are measured on the same test set, the
+# same split and the same seeds); within a family, all settings but the width are shared.
+SHARED_DATA = (
+    "dataset",
+    "partition",
+    "num_clients",
+    "own_fraction",
+    "alpha",
+    "classes_per_client",
+    "limit_per_class",
+    "test_limit_per_class",
+)
+
+
+def shared_settings(results: Mapping) -> dict:
+    """The data, split and seed settings of a run (see :data:`SHARED_DATA`)."""
+    config = results["config"]
+    out = {key: config["experiment"].get(key) for key in SHARED_DATA}
+    return {**out, "scenario": config["scenario"], "seeds": config["seeds"]}
+
+
 def _check_families(results: Sequence[Mapping], rows: Sequence[Mapping]) -> None:
     """Within a family, every pair of runs differs in the width alone."""
-    from simulations.results import differing_settings
 
     def settings(r: Mapping) -> dict:
         config = {**r["config"], "experiment": dict(r["config"]["experiment"])}
@@ -140,7 +182,15 @@ def _check_families(results: Sequence[Mapping], rows: Sequence[Mapping]) -> None
         return config
 
     seen: dict[str, tuple[Mapping, Mapping]] = {}
+    widths: dict[str, dict[float, str]] = {}
     for result, row in zip(results, rows, strict=True):
+        at = widths.setdefault(row["family"], {})
+        if row["width"] in at:
+            raise ValueError(
+                f"runs {at[row['width']]!r} and {row['run']!r} are the same experiment "
+                f"({row['family']} at width {row['width']})"
+            )
+        at[row["width"]] = row["run"]
         if row["family"] not in seen:
             seen[row["family"]] = (result, row)
             continue
@@ -150,11 +200,6 @@ def _check_families(results: Sequence[Mapping], rows: Sequence[Mapping]) -> None
             raise ValueError(
                 f"runs {other_row['run']!r} and {row['run']!r} are both {row['family']} but "
                 f"differ in {', '.join(differ)}: a family's runs may differ in width only"
-            )
-        if row["width"] == other_row["width"]:
-            raise ValueError(
-                f"runs {other_row['run']!r} and {row['run']!r} are the same experiment "
-                f"({row['family']} at width {row['width']})"
             )
 
 
@@ -176,6 +221,12 @@ def trends(rows: Sequence[Mapping]) -> list[dict]:
             }
         )
     return out
+
+
+def repaired_barrier(row: Mapping) -> dict | None:
+    """The accuracy barrier of the repaired re-basin path, where the run measured it."""
+    method = row["methods"].get("repaired", {}).get("method")
+    return row["accuracy_barriers"].get(method) if method else None
 
 
 def _points(entry: Mapping | None) -> str:
@@ -212,14 +263,16 @@ def render(data: Mapping, sources: Sequence[Mapping]) -> str:
         [r["run"], f"{r['params']:,}"]
         + [_points(r["methods"].get(m, {}).get("gap")) for m in COLUMNS]
         + [pct(r["accuracy_barriers"].get(m)) for m in ("naive", "rebasin")]
+        + [pct(repaired_barrier(r))]
         for r in rows
     ]
-    barrier_heads = ["naive barrier", "re-basin barrier"]
+    barrier_heads = ["naive barrier", "re-basin barrier", "re-basin + repair barrier"]
     lines.append(table(["run", "params"] + list(COLUMNS.values()) + barrier_heads, gap_rows))
     lines += [
         "",
         "Barriers: the largest drop of test accuracy along the interpolation path below the "
-        "endpoints' mean (points; client 0 to client 1, naive and after re-basin).",
+        "endpoints' mean (points; client 0 to client 1, naive, after re-basin, and after "
+        "re-basin with the repair where the run measured that path).",
     ]
     if data["trends"]:
         lines += ["", "## Trend", ""]
@@ -260,11 +313,14 @@ def plot_trend(data: Mapping, path: Path) -> Path:
                 stds = [100 * s["std"] for s in stats]
                 label = f"{family}: {COLUMNS[method]}"
                 gap_ax.errorbar(params, means, yerr=stds, fmt=style, capsize=3, label=label)
-        barriers = [r["accuracy_barriers"].get("rebasin") for r in rows]
-        if all(b is not None and b.get("mean") is not None for b in barriers):
-            means = [100 * b["mean"] for b in barriers]
-            stds = [100 * b["std"] for b in barriers]
-            bar_ax.errorbar(params, means, yerr=stds, fmt="-o", capsize=3, label=family)
+        for label, barriers in (
+            (family, [r["accuracy_barriers"].get("rebasin") for r in rows]),
+            (f"{family}: + repair", [repaired_barrier(r) for r in rows]),
+        ):
+            if all(b is not None and b.get("mean") is not None for b in barriers):
+                means = [100 * b["mean"] for b in barriers]
+                stds = [100 * b["std"] for b in barriers]
+                bar_ax.errorbar(params, means, yerr=stds, fmt="-o", capsize=3, label=label)
     gap_ax.axhline(0.0, color="grey", lw=0.8)
     gap_ax.set(xscale="log", xlabel="parameters", ylabel="merged - best client (points)")
     bar_ax.set(xscale="log", xlabel="parameters", ylabel="re-basin accuracy barrier (points)")

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from rebasin.zoo import build_model
 from simulations import cli
-from simulations.compare import compare_runs
+from simulations.compare import compare_runs, repaired_barrier
 from simulations.results import read_results
 
 runner = CliRunner()
@@ -81,6 +81,8 @@ def test_compare_rows_come_from_the_runs(runs: list[Path], tmp_path: Path) -> No
     gap = small["methods"]["repaired"]["gap"]
     cell = f"{100 * gap['mean']:+.2f} ± {100 * gap['std']:.2f}"
     assert f"| mlp-w0.125 | {small['params']:,} |" in report
+    assert "| naive barrier | re-basin barrier | re-basin + repair barrier |" in report
+    assert repaired_barrier(small) == small["accuracy_barriers"].get("rebasin+repair")
     assert cell in report
     assert (
         f"- mlp: re-basin + repair is {100 * data['trends'][0]['gap_from']:+.2f} points from the "
@@ -102,8 +104,48 @@ def test_compare_refuses_runs_that_are_not_comparable(runs: list[Path], tmp_path
         r"experiment.epochs, experiment.lr: a family's runs may differ in width only",
     ):
         compare_runs([wide, longer])
-    with pytest.raises(ValueError, match=r"are the same experiment \(mlp at width 0.25\)"):
+    renamed = copy.deepcopy(wide)
+    renamed["name"] = "mlp-w0.25-again"
+    with pytest.raises(
+        ValueError,
+        match=r"runs 'mlp-w0.25' and 'mlp-w0.25-again' are the same experiment "
+        r"\(mlp at width 0.25\)",
+    ):
+        compare_runs([wide, renamed])
+    # A repeated width is caught against every earlier run of the family, not the first only.
+    with pytest.raises(ValueError, match=r"runs 'mlp-w0.125' and 'mlp-w0.25-again'"):
+        compare_runs([narrow, wide, {**renamed, "config": narrow["config"]}])
+    with pytest.raises(
+        ValueError,
+        match=r"two runs are named 'mlp-w0.25' \(a run is named by its folder\): compare runs "
+        "of distinct folder names",
+    ):
         compare_runs([wide, copy.deepcopy(wide)])
+    # Across families too, the rows must be measured on one test set, split and seeds.
+    fewer_tests = copy.deepcopy(narrow)
+    fewer_tests["config"]["experiment"]["model"] = "vit"
+    fewer_tests["config"]["experiment"]["test_limit_per_class"] = 10
+    with pytest.raises(
+        ValueError,
+        match="run 'mlp-w0.125' has test_limit_per_class 10, but 'mlp-w0.25' has 30: compare "
+        "runs of one data set, split and seeds",
+    ):
+        compare_runs([wide, fewer_tests])
+    unfinished = copy.deepcopy(narrow)
+    unfinished["one_shot"]["runs"] = unfinished["one_shot"]["runs"][:1]
+    with pytest.raises(
+        ValueError,
+        match=r"run 'mlp-w0.125' is not finished: it holds seed\(s\) 0 of 0, 1 \(resume it "
+        r"first\)",
+    ):
+        compare_runs([wide, unfinished])
+    no_summary = copy.deepcopy(narrow)
+    del no_summary["one_shot"]["summary"]
+    with pytest.raises(
+        ValueError,
+        match=r"run 'mlp-w0.125' lacks 'summary' \(not a complete rebasin-simulate/1 run\)",
+    ):
+        compare_runs([wide, no_summary])
     other = copy.deepcopy(narrow)
     other["config"]["experiment"]["dataset"] = "cifar10"
     with pytest.raises(ValueError, match="has dataset 'cifar10', but 'mlp-w0.25' has 'mnist'"):
