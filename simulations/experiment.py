@@ -301,8 +301,10 @@ def finished_runs(earlier: dict, cfg: SimulateConfig) -> dict[str, dict[int, dic
     mine.pop("seeds")
     theirs.pop("seeds", None)
     differ = differing_settings(mine, theirs)
-    if differ == [CENTRALIZED] and mine["experiment"]["centralized"]:
-        differ = []  # a run may gain the centralised baseline: run_simulate adds it per seed
+    if differ == [CENTRALIZED] and (mine["experiment"]["centralized"] or not cfg.runs_oneshot):
+        # A run may gain the centralised baseline (run_simulate adds it per seed); a
+        # multi-round run trains none, so the setting does not matter to it.
+        differ = []
     if differ:
         raise ResumeMismatchError(
             "cannot resume: the earlier results.json was made with other settings "

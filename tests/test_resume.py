@@ -220,3 +220,31 @@ def test_an_interrupted_resume_keeps_every_finished_seed(
     assert written["one_shot"]["runs"][1] == full["one_shot"]["runs"][1]
     assert written["one_shot"]["summary"]["methods"] == full["one_shot"]["summary"]["methods"]
     assert written["multi_round"]["runs"] == [full["multi_round"]["runs"][1]]
+
+
+def test_a_multi_round_resume_ignores_the_centralized_setting(
+    tiny_run: tuple[Path, dict, str],
+    tmp_path: Path,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import simulations.multiround
+
+    _, full, _ = tiny_run
+    rounds_only = json.loads(json.dumps(full))
+    rounds_only["config"]["mode"] = "multi-round"
+    del rounds_only["one_shot"]
+    copy = _copy_of(rounds_only, tmp_path / "rounds-only")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished multi-round seed ran again")
+
+    monkeypatch.setattr(simulations.multiround, "run_multiround", must_not_run)
+    args = TINY + ["--mode", "multi-round", "--rounds", "2", "--data-dir", str(data_dir)]
+    result = runner.invoke(
+        cli.app,
+        [*args, "--seeds", "0", "1", "--out", str(copy), "--resume", "--no-centralized"],
+    )
+    assert result.exit_code == 0, result.output
+    written = json.loads((copy / "results.json").read_text())
+    assert written["multi_round"]["runs"] == full["multi_round"]["runs"]
