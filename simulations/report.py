@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from rebasin.zoo import CONV_MODELS
 from simulations.results import REPORT_FILE, group_names
 
 MISSING = "—"
@@ -117,7 +118,7 @@ def _header(results: Mapping) -> list[str]:
             else ", full test set"
         ),
         f"- Model: {exp['model']} width {exp['width']}"
-        + (f", norm {exp['norm']}" if exp["model"] != "mlp" else "")
+        + (f", norm {exp['norm']}" if exp["model"] in CONV_MODELS else "")
         + f"; {exp['epochs']} epoch(s), {exp['optimizer']} lr {exp['lr']}, "
         f"batch {exp['batch_size']}"
         + (

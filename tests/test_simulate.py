@@ -326,6 +326,21 @@ def test_tiny_run_records_the_training_it_used(tiny_run: tuple[Path, dict, str])
     ) in report
 
 
+def test_report_names_the_norm_only_for_models_that_have_one(
+    tiny_run: tuple[Path, dict, str],
+) -> None:
+    import copy
+
+    from simulations.report import render_report
+
+    _, results, report = tiny_run
+    assert "- Model: mlp width 0.125; 1 epoch(s)" in report
+    for model, line in (("vit", "- Model: vit width 0.125; 1"), ("vgg", ", norm batch; 1")):
+        other = copy.deepcopy(results)
+        other["config"]["experiment"]["model"] = model
+        assert line in render_report(other)
+
+
 def test_scenarios_pick_their_partition_and_client_count(monkeypatch: pytest.MonkeyPatch) -> None:
     captured = []
     monkeypatch.setattr(
