@@ -33,6 +33,7 @@ COLUMNS: dict[str, str] = {
     "merge-many": "MergeMany",
     "repaired": "re-basin + repair",
     "ensemble": "ensemble",
+    "centralized": "centralised",
 }
 
 
@@ -106,7 +107,8 @@ def compare_runs(results: Sequence[Mapping]) -> dict:
     """The comparison of ``results`` (each a ``simulate`` results file's data).
 
     Runs of one family (model and norm) form the trend with width, so they must differ in
-    nothing but the width: the same data, training, merging and seeds.
+    nothing but the width (and whether they trained the centralised baseline): the same data,
+    training, merging and seeds.
 
     Raises
     ------
@@ -179,6 +181,8 @@ def _check_families(results: Sequence[Mapping], rows: Sequence[Mapping]) -> None
     def settings(r: Mapping) -> dict:
         config = {**r["config"], "experiment": dict(r["config"]["experiment"])}
         config["experiment"].pop("width")
+        # The centralised baseline is one more row; it changes none of the others.
+        config["experiment"].pop("centralized")
         return config
 
     seen: dict[str, tuple[Mapping, Mapping]] = {}

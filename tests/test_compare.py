@@ -104,6 +104,14 @@ def test_compare_refuses_runs_that_are_not_comparable(runs: list[Path], tmp_path
         r"experiment.epochs, experiment.lr: a family's runs may differ in width only",
     ):
         compare_runs([wide, longer])
+    # The centralised baseline is one more row, not another experiment.
+    central = copy.deepcopy(narrow)
+    central["config"]["experiment"]["centralized"] = True
+    for run in central["one_shot"]["runs"]:
+        run["methods"]["centralized"] = {**run["methods"]["naive"], "accuracy": 0.5}
+    rows = {r["run"]: r for r in compare_runs([wide, central])["rows"]}
+    assert rows["mlp-w0.125"]["methods"]["centralized"]["accuracy"]["values"] == [0.5, 0.5]
+    assert "centralized" not in rows["mlp-w0.25"]["methods"]
     renamed = copy.deepcopy(wide)
     renamed["name"] = "mlp-w0.25-again"
     with pytest.raises(
