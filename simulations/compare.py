@@ -183,6 +183,12 @@ def _check_families(results: Sequence[Mapping], rows: Sequence[Mapping]) -> None
         config["experiment"].pop("width")
         # The centralised baseline is one more row; it changes none of the others.
         config["experiment"].pop("centralized")
+        # What training used, not only what was asked ("bf16 auto" is fp32 on one CPU and
+        # bf16 on another); whether the CPU supported bf16 alone does not matter.
+        config["training"] = [
+            {k: v for k, v in run.get("training", {}).items() if k != "bf16_supported"}
+            for run in r["one_shot"]["runs"]
+        ]
         return config
 
     seen: dict[str, tuple[Mapping, Mapping]] = {}

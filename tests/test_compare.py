@@ -104,6 +104,15 @@ def test_compare_refuses_runs_that_are_not_comparable(runs: list[Path], tmp_path
         r"experiment.epochs, experiment.lr: a family's runs may differ in width only",
     ):
         compare_runs([wide, longer])
+    # The same settings, but one run trained in bf16 ("auto" on another CPU).
+    in_bf16 = copy.deepcopy(narrow)
+    in_bf16["one_shot"]["runs"][1]["training"]["bf16"] = True
+    with pytest.raises(
+        ValueError,
+        match=r"runs 'mlp-w0.25' and 'mlp-w0.125' are both mlp but differ in training: a "
+        "family's runs may differ in width only",
+    ):
+        compare_runs([wide, in_bf16])
     # The centralised baseline is one more row, not another experiment.
     central = copy.deepcopy(narrow)
     central["config"]["experiment"]["centralized"] = True
