@@ -23,12 +23,14 @@ COMPARE_FILE = "compare.json"
 REPORT_FILE = "compare.md"
 PLOT_FILE = "trend.png"
 
-# Activation repair after re-basin: BatchNorm reset for BN models, REPAIR for the others.
+# Activation repair: BatchNorm reset for BN models, REPAIR for the others; after re-basin,
+# and after naive averaging (the control: repair without matching).
 REPAIRED = ("rebasin+bn-reset", "rebasin+repair")
+NAIVE_REPAIRED = ("naive+bn-reset", "naive+repair")
 # The table's merge columns, in order (a run without one shows a dash).
 COLUMNS: dict[str, str] = {
     "naive": "naive",
-    "naive+bn-reset": "naive + BN reset",
+    "naive-repaired": "naive + repair",
     "rebasin": "re-basin",
     "merge-many": "MergeMany",
     "repaired": "re-basin + repair",
@@ -81,9 +83,10 @@ def run_row(results: Mapping) -> dict:
             "accuracy": stat(values),
             "gap": stat(v - b for v, b in zip(values, best, strict=True)),
         }
-    repaired = next((m for m in REPAIRED if m in methods), None)
-    if repaired is not None:
-        methods["repaired"] = {**methods[repaired], "method": repaired}
+    for key, names in (("repaired", REPAIRED), ("naive-repaired", NAIVE_REPAIRED)):
+        source = next((m for m in names if m in methods), None)
+        if source is not None:
+            methods[key] = {**methods[source], "method": source}
     curves = section["summary"].get("interpolation", {})
     return {
         "run": name,
@@ -263,8 +266,8 @@ def render(data: Mapping, sources: Sequence[Mapping]) -> str:
     lines += [
         "",
         "Test accuracy (%), mean ± sample std over the seeds; `lowest client`: the lowest "
-        "client accuracy in any seed; `re-basin + repair`: BatchNorm reset for BN models, "
-        "REPAIR for the others.",
+        "client accuracy in any seed; `+ repair`: BatchNorm reset for BN models, REPAIR for "
+        "the others.",
         "",
         "## Gap to the best client (points; per seed, merge minus best client)",
         "",
@@ -316,7 +319,7 @@ def plot_trend(data: Mapping, path: Path) -> Path:
     for family in dict.fromkeys(r["family"] for r in data["rows"]):
         rows = [r for r in data["rows"] if r["family"] == family]
         params = [r["params"] for r in rows]
-        for method, style in (("repaired", "-o"), ("naive+bn-reset", ":x")):
+        for method, style in (("repaired", "-o"), ("naive-repaired", ":x")):
             stats = [r["methods"].get(method, {}).get("gap") for r in rows]
             if all(s is not None for s in stats):
                 means = [100 * s["mean"] for s in stats]

@@ -252,13 +252,16 @@ def run_oneshot(
         if has_batchnorm(model):
             stats = [batchnorm_stats(model, ld, cfg.repair_batches) for ld in repair_loaders]
             models[f"{base}+bn-reset"] = load_batchnorm_stats(model, combine_batchnorm_stats(stats))
-        elif base == "rebasin" and stream is None:
+        elif stream is None:
             # REPAIR measures Linear/Conv outputs as (N, C, ...) maps: not for transformers.
-            aligned = [_load(template, sd) for sd in aligned_states]
+            # Its targets are the endpoints' unit statistics: the aligned clients for re-basin,
+            # the clients as they are for naive (the control: repair without matching).
+            ends = aligned_states if base == "rebasin" else states
+            endpoints = [_load(template, sd) for sd in ends]
             pooled = train_set.subset(np.concatenate(shards)).loader(
                 cfg.batch_size, shuffle=True, seed=seed
             )
-            models["rebasin+repair"] = repair(model, aligned, pooled, sizes, cfg.repair_batches)
+            models[f"{base}+repair"] = repair(model, endpoints, pooled, sizes, cfg.repair_batches)
 
     results: dict = {
         "seed": seed,

@@ -247,16 +247,18 @@ def run_one(cfg: PaperScaleConfig, width: float, norm: str, seed: int, data: dic
         pooled = DeviceBatches(
             train_x[pooled_idx], train_y[pooled_idx], 500, shuffle=True, seed=seed
         )
-        models["rebasin+repair"] = timed(
-            "rebasin+repair",
-            lambda: repair_activations(
-                copy.deepcopy(models["rebasin"]),
-                [load(sd) for sd in aligned],
-                pooled,
-                sizes,
-                cfg.repair_batches,
-            ),
-        )
+        # naive + REPAIR is the control: the same repair without matching.
+        for base, ends in (("naive", states), ("rebasin", aligned)):
+            models[f"{base}+repair"] = timed(
+                f"{base}+repair",
+                lambda base=base, ends=ends: repair_activations(
+                    copy.deepcopy(models[base]),
+                    [load(sd) for sd in ends],
+                    pooled,
+                    sizes,
+                    cfg.repair_batches,
+                ),
+            )
     client_metrics, logits = [], []
     for m in clients:
         metrics, lg = _metrics(m, test_x, test_y, eval_batch)

@@ -41,6 +41,7 @@ MODEL_COLORS = {
     "rebasin-stream": "tab:orange",
     "rebasin+bn-reset": "tab:green",
     "rebasin+repair": "tab:green",
+    "naive+repair": "tab:olive",
     "ensemble": "tab:purple",
     "centralized": "black",
     "FedAvg": "tab:red",

@@ -24,6 +24,7 @@ METHOD_NOTES: dict[str, str] = {
     "and the dimensions inside them left in place)",
     "naive+bn-reset": "naive average with BatchNorm statistics pooled from the clients' data",
     "rebasin+bn-reset": "re-basin with BatchNorm statistics pooled from the clients' data",
+    "naive+repair": "naive average with REPAIR (activation statistics of the clients as they are)",
     "rebasin+repair": "re-basin with REPAIR (activation statistics of the aligned clients)",
     "ensemble": "average of the clients' logits (keeps every model; an upper bound)",
     "centralized": "one model trained on the pooled data (what the data split forbids)",
@@ -85,7 +86,15 @@ def provenance_lines(results: Mapping, *, flwr: bool = True) -> list[str]:
         f"- Machine: {env['cpu'] or 'unknown CPU'}, {env['cpu_count']} cores, "
         f"{env['torch_threads']} torch thread(s), CUDA {'yes' if env['cuda'] else 'no'}; "
         f"Python {env['python']}, torch {env['torch']}" + (f", flwr {env['flwr']}" if flwr else ""),
+        f"- Code: {code_line(env.get('code'))}",
     ]
+
+
+def code_line(code: Mapping | None) -> str:
+    """The commit a run's code came from (``"not recorded"`` for older or installed runs)."""
+    if not code:
+        return "not recorded (not a git checkout, or an older results file)"
+    return f"commit {code['commit'][:12]}" + (" with local changes" if code["dirty"] else "")
 
 
 def _header(results: Mapping) -> list[str]:

@@ -248,8 +248,36 @@ def summarize_multiround(runs: Sequence[Mapping], num_clients: int) -> dict:
 # environment and files
 
 
+def code_version(root: Path | None = None) -> dict | None:
+    """The git commit of the checkout this code runs from, and whether it had local changes.
+
+    ``None`` where the code is not a git checkout of its own (an installed wheel): a
+    surrounding repository's commit (a venv inside another project) would be wrong. A
+    resumed run keeps each session's environment, so its seeds can be told apart by code.
+    """
+    import subprocess
+
+    root = (root or Path(__file__).resolve().parents[1]).resolve()
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
+        )
+        if done.returncode != 0:
+            raise OSError(done.stderr.strip())
+        return done.stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return {"commit": git("rev-parse", "HEAD"), "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def environment() -> dict:
-    """Where the run happened: versions, CPU, threads, time (for the report's header)."""
+    """Where the run happened: versions, CPU, threads, time, code (for the report's header)."""
     import flwr
     import torch
 
@@ -271,6 +299,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
+        "code": code_version(),
     }
 
 

@@ -60,11 +60,13 @@ def test_compare_rows_come_from_the_runs(runs: list[Path], tmp_path: Path) -> No
             c["accuracy"] for r in results["one_shot"]["runs"] for c in r["clients"]
         )
         for method, entry in row["methods"].items():
-            source = "rebasin+repair" if method == "repaired" else method
+            sources = {"repaired": "rebasin+repair", "naive-repaired": "naive+repair"}
+            source = sources.get(method, method)
             accs = [r["methods"][source]["accuracy"] for r in results["one_shot"]["runs"]]
             assert entry["accuracy"]["values"] == accs
             assert entry["gap"]["values"] == [a - b for a, b in zip(accs, best, strict=True)]
         assert row["methods"]["repaired"]["method"] == "rebasin+repair"  # no BatchNorm
+        assert row["methods"]["naive-repaired"]["method"] == "naive+repair"
         curves = results["one_shot"]["summary"]["interpolation"]
         assert row["accuracy_barriers"] == {m: c["accuracy_barrier"] for m, c in curves.items()}
     small, large = data["rows"]
@@ -82,6 +84,7 @@ def test_compare_rows_come_from_the_runs(runs: list[Path], tmp_path: Path) -> No
     cell = f"{100 * gap['mean']:+.2f} ± {100 * gap['std']:.2f}"
     assert f"| mlp-w0.125 | {small['params']:,} |" in report
     assert "| naive barrier | re-basin barrier | re-basin + repair barrier |" in report
+    assert "| naive | naive + repair | re-basin | MergeMany | re-basin + repair |" in report
     assert repaired_barrier(small) == small["accuracy_barriers"].get("rebasin+repair")
     assert cell in report
     assert (

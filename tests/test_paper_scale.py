@@ -107,7 +107,7 @@ def test_report_structure_and_invariants(tiny) -> None:
             "rebasin+bn-reset",
             "ensemble",
         ],
-        "layer": ["naive", "rebasin", "merge-many", "rebasin+repair", "ensemble"],
+        "layer": ["naive", "rebasin", "merge-many", "naive+repair", "rebasin+repair", "ensemble"],
     }
     for run in runs:
         assert list(run["methods"]) == expected[run["norm"]]

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from simulations.report import code_line
 from simulations.results import (
     class_homes,
+    code_version,
     differing_settings,
+    environment,
     group_accuracy,
     sanitize,
     series_stat,
@@ -59,3 +64,43 @@ def test_differing_settings_names_every_leaf_that_differs() -> None:
     assert differing_settings(a, b) == ["experiment.epochs", "experiment.width", "mode"]
     assert differing_settings(a, a) == []
     assert differing_settings({"x": [1, 2]}, {"x": [1, 3]}) == ["x"]
+
+
+def _git(root: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
+def test_code_version_names_the_checkouts_commit_and_local_changes(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "a.py").write_text("x = 1\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "one")
+    head = _git(repo, "rev-parse", "HEAD")
+    assert code_version(repo) == {"commit": head, "dirty": False}
+    (repo / "notes.txt").write_text("untracked files are not code changes\n")
+    assert code_version(repo) == {"commit": head, "dirty": False}
+    (repo / "pkg" / "a.py").write_text("x = 2\n")
+    assert code_version(repo) == {"commit": head, "dirty": True}
+    # A folder inside someone else's repository (a venv in another project) is not a
+    # checkout of this code: its commit would be the wrong one.
+    assert code_version(repo / "pkg") is None
+    assert code_version(tmp_path) is None  # not a repository at all
+
+
+def test_this_checkout_records_its_commit_in_the_environment() -> None:
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    env = environment()
+    assert env["code"]["commit"] == _git(root, "rev-parse", "HEAD")
+    assert code_line(env["code"]).startswith(f"commit {env['code']['commit'][:12]}")
+    assert code_line({"commit": "0123456789abcdef", "dirty": True}) == (
+        "commit 0123456789ab with local changes"
+    )
+    assert code_line(None) == "not recorded (not a git checkout, or an older results file)"

@@ -89,7 +89,8 @@ def test_simulate_writes_json_report_and_plots(tiny_run: tuple[Path, dict, str])
         assert run["shard_class_counts"][0] == [24] * 5 + [6] * 5
         assert len(run["clients"]) == 2
         assert set(run["methods"]) == {
-            "naive", "rebasin", "merge-many", "rebasin+repair", "ensemble", "centralized"
+            "naive", "rebasin", "merge-many", "naive+repair", "rebasin+repair", "ensemble",
+            "centralized",
         }  # fmt: skip
         for metrics in [*run["clients"], *run["methods"].values()]:
             assert 0.0 <= metrics["accuracy"] <= 1.0
