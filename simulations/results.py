@@ -251,6 +251,8 @@ def summarize_multiround(runs: Sequence[Mapping], num_clients: int) -> dict:
 def code_version(root: Path | None = None) -> dict | None:
     """The git commit of the checkout this code runs from, and whether it had local changes.
 
+    Local changes: tracked files changed outside ``docs/`` (where results are committed).
+
     ``None`` where the code is not a git checkout of its own (an installed wheel): a
     surrounding repository's commit (a venv inside another project) would be wrong. A
     resumed run keeps each session's environment, so its seeds can be told apart by code.
@@ -270,7 +272,8 @@ def code_version(root: Path | None = None) -> dict | None:
     try:
         if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
             return None
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        # Results under docs/ change as a resumed run writes them: they are not code.
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"))
         return {"commit": git("rev-parse", "HEAD"), "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return None

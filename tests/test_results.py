@@ -78,12 +78,16 @@ def test_code_version_names_the_checkouts_commit_and_local_changes(tmp_path: Pat
     repo = tmp_path / "repo"
     (repo / "pkg").mkdir(parents=True)
     (repo / "pkg" / "a.py").write_text("x = 1\n")
+    (repo / "docs").mkdir()
+    (repo / "docs" / "results.json").write_text("{}\n")
     _git(repo, "init", "-q")
     _git(repo, "add", ".")
     _git(repo, "commit", "-qm", "one")
     head = _git(repo, "rev-parse", "HEAD")
     assert code_version(repo) == {"commit": head, "dirty": False}
     (repo / "notes.txt").write_text("untracked files are not code changes\n")
+    assert code_version(repo) == {"commit": head, "dirty": False}
+    (repo / "docs" / "results.json").write_text('{"seeds": [0]}\n')  # results, not code
     assert code_version(repo) == {"commit": head, "dirty": False}
     (repo / "pkg" / "a.py").write_text("x = 2\n")
     assert code_version(repo) == {"commit": head, "dirty": True}
