@@ -243,10 +243,11 @@ def run_oneshot(
         )
     models = {name: _load(template, sd) for name, sd in merged.items()}
     # Activation repair. BatchNorm: statistics pooled from per-client moments, as the
-    # federated recalibration does. Without BatchNorm: REPAIR against the aligned clients.
+    # federated recalibration does. Without BatchNorm: REPAIR against the endpoints.
     repair_loaders = [
         train_set.subset(idx).loader(cfg.batch_size, shuffle=True, seed=seed) for idx in shards
     ]
+    pooled_data: LabeledData | None = None  # all regions' data, copied once, for REPAIR only
     for base in ("naive", "rebasin"):
         model = copy.deepcopy(models[base])
         if has_batchnorm(model):
@@ -256,11 +257,13 @@ def run_oneshot(
             # REPAIR measures Linear/Conv outputs as (N, C, ...) maps: not for transformers.
             # Its targets are the endpoints' unit statistics: the aligned clients for re-basin,
             # the clients as they are for naive (the control: repair without matching).
-            ends = aligned_states if base == "rebasin" else states
-            endpoints = [_load(template, sd) for sd in ends]
-            pooled = train_set.subset(np.concatenate(shards)).loader(
-                cfg.batch_size, shuffle=True, seed=seed
-            )
+            if base == "rebasin":
+                endpoints = [_load(template, sd) for sd in aligned_states]
+            else:
+                endpoints = clients
+            if pooled_data is None:
+                pooled_data = train_set.subset(np.concatenate(shards))
+            pooled = pooled_data.loader(cfg.batch_size, shuffle=True, seed=seed)
             models[f"{base}+repair"] = repair(model, endpoints, pooled, sizes, cfg.repair_batches)
 
     results: dict = {

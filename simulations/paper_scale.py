@@ -248,12 +248,12 @@ def run_one(cfg: PaperScaleConfig, width: float, norm: str, seed: int, data: dic
             train_x[pooled_idx], train_y[pooled_idx], 500, shuffle=True, seed=seed
         )
         # naive + REPAIR is the control: the same repair without matching.
-        for base, ends in (("naive", states), ("rebasin", aligned)):
+        for base, ends in (("naive", clients), ("rebasin", [load(sd) for sd in aligned])):
             models[f"{base}+repair"] = timed(
                 f"{base}+repair",
                 lambda base=base, ends=ends: repair_activations(
                     copy.deepcopy(models[base]),
-                    [load(sd) for sd in ends],
+                    ends,
                     pooled,
                     sizes,
                     cfg.repair_batches,

@@ -104,7 +104,11 @@ def test_this_checkout_records_its_commit_in_the_environment() -> None:
     env = environment()
     assert env["code"]["commit"] == _git(root, "rev-parse", "HEAD")
     assert code_line(env["code"]).startswith(f"commit {env['code']['commit'][:12]}")
+
+
+def test_code_line_names_the_commit_or_says_it_is_not_recorded() -> None:
     assert code_line({"commit": "0123456789abcdef", "dirty": True}) == (
         "commit 0123456789ab with local changes"
     )
+    assert code_line({"commit": "0123456789abcdef", "dirty": False}) == "commit 0123456789ab"
     assert code_line(None) == "not recorded (not a git checkout, or an older results file)"
