@@ -4,7 +4,8 @@
 # 2-core machine (2 threads). ONLY="vgg-w0.25-bn resnet20-w1-ln" runs just those (names as in
 # the output folders, without "cifar10-us-eu-"); EPOCHS sets the epochs (default 20: at 15 a
 # client stayed below 75 %); CENTRALIZED=--no-centralized skips the pooled-data baseline of
-# the first run. Runs resume: started again, a run keeps the seeds its results.json holds.
+# the first run. Runs resume: started again, a run keeps the seeds its results.json holds and
+# the clients an unfinished seed trained (its folder's clients/).
 # OUT_ROOT (default results) is where the run folders go: OUT_ROOT=docs/results writes each
 # seed's results.json where it can be committed, so a run spans sessions (commit, resume).
 # BF16=off|on|auto, where set, is passed as --bf16 (unset: the CLI's default, auto for CIFAR,

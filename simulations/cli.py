@@ -250,7 +250,8 @@ def simulate(
         bool,
         typer.Option(
             "--resume",
-            help="keep the seeds --out/results.json already holds for the same settings",
+            help="keep the seeds --out/results.json already holds for the same settings, "
+            "and the clients an unfinished seed trained (--out/clients)",
         ),
     ] = False,
     verbose: VerboseOption = False,
@@ -348,6 +349,7 @@ def _run(
     import torch
     from rich.console import Console
 
+    from simulations.client_store import ClientStoreError
     from simulations.experiment import ResumeMismatchError, run_simulate
     from simulations.report import pct
 
@@ -383,7 +385,7 @@ def _run(
             )
     except FileNotFoundError as exc:
         raise fail(str(exc), code=1) from None
-    except ResumeMismatchError as exc:
+    except (ResumeMismatchError, ClientStoreError) as exc:
         raise fail(str(exc)) from None
     summary = results.get("one_shot", {}).get("summary")
     if summary is not None:

@@ -173,7 +173,9 @@ def run_simulate(
     ``results.json`` is rewritten after every seed, so an interrupted run keeps the seeds it
     finished (the report and plots are written at the end). With ``resume``, the seeds that
     ``out_dir/results.json`` already holds for the same settings are kept, not rerun: a
-    long run can stop and go on later, or gain seeds.
+    long run can stop and go on later, or gain seeds. Every trained one-shot client is kept in
+    ``out_dir/clients`` (:class:`~simulations.client_store.ClientStore`); with ``resume`` an
+    unfinished seed loads the clients it finished instead of training them again.
 
     Parameters
     ----------
@@ -197,6 +199,7 @@ def run_simulate(
     dict
         The results as written to ``results.json``.
     """
+    from simulations.client_store import CLIENTS_DIR, ClientStore
     from simulations.multiround import run_multiround
     from simulations.oneshot import run_centralized, run_oneshot
     from simulations.plots import write_plots
@@ -246,6 +249,8 @@ def run_simulate(
         results["wall_seconds"] = time.perf_counter() - start
         write_results(results, out)
 
+    # Every trained client is kept; a resumed run loads those of an unfinished seed.
+    store = ClientStore(out / CLIENTS_DIR, reuse=resume)
     changed = False  # whether anything was computed (a resumed run may have nothing to do)
     if "one_shot" in runs and cfg.experiment.centralized:
         # Kept seeds made without the centralised baseline gain it. They are written together
@@ -268,7 +273,7 @@ def run_simulate(
             changed = True
             t0 = time.perf_counter()
             if mode == "one_shot":
-                run = run_oneshot(cfg.experiment, seed, data_dir, progress)
+                run = run_oneshot(cfg.experiment, seed, data_dir, progress, store)
                 run["wall_seconds"] = time.perf_counter() - t0
             else:
                 assert cfg.multi_round is not None  # the validator guarantees it

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from rebasin.train import evaluate, logit_metrics, predict_logits, train
 from rebasin.transformers import is_head_perm, stream_only
 from rebasin.zoo import CONV_MODELS, build_model, check_model_fits_dataset
 from simulations.training_options import TrainingOptions
+
+if TYPE_CHECKING:
+    from simulations.client_store import ClientStore
 
 logger = logging.getLogger(__name__)
 
@@ -188,24 +191,36 @@ def run_oneshot(
     seed: int,
     data_dir: str | Path | None = None,
     progress: Progress | None = None,
+    store: ClientStore | None = None,
 ) -> dict:
     """Run one seed of the one-shot experiment; return every metric as plain JSON data.
 
     Client ``i`` is initialised from seed ``1000 * seed + i`` and sees only its shard.
+    ``store`` keeps each trained client on disk and, where it reuses them, loads a stored
+    client instead of training it (listed in ``clients_from_disk``; its ``train_seconds``
+    are the stored ones).
     """
     torch.manual_seed(seed)
     train_set, test_set, shards = load_split(cfg, seed, data_dir)
     sizes = [len(s) for s in shards]
     train_seconds: dict[str, float] = {}
     clients = []
+    from_disk: list[int] = []
     for i, idx in enumerate(shards):
         model = build_model(
             cfg.model, cfg.dataset, width=cfg.width, norm=cfg.norm, seed=1000 * seed + i
         )
         name = f"client {i}"
-        train_seconds[name] = fit(
-            cfg, model, train_set.subset(idx), f"seed {seed}: {name}", 1000 * seed + i, progress
-        )
+        seconds = store.load(cfg, seed, i, model) if store is not None else None
+        if seconds is None:
+            seconds = fit(
+                cfg, model, train_set.subset(idx), f"seed {seed}: {name}", 1000 * seed + i, progress
+            )
+            if store is not None:
+                store.save(cfg, seed, i, model, seconds)
+        else:
+            from_disk.append(i)
+        train_seconds[name] = seconds
         clients.append(model)
     template = clients[0]
     spec = spec_of(template)
@@ -279,6 +294,8 @@ def run_oneshot(
         "training": resolve(cfg.recipe(), "cpu", cfg.optimizer, cfg.lr).as_dict(),
         "train_seconds": train_seconds,
     }
+    if from_disk:
+        results["clients_from_disk"] = from_disk
     logits = [predict_logits(m, test_set.loader(cfg.batch_size)) for m in clients]
     mean_logits = sum(w * lg for w, (lg, _) in zip(sizes, logits)) / sum(sizes)
     results["methods"]["ensemble"] = logit_metrics(mean_logits, logits[0][1], test_set.num_classes)
