@@ -307,7 +307,8 @@ def render(data: Mapping, sources: Sequence[Mapping]) -> str:
 
 
 def plot_trend(data: Mapping, path: Path) -> Path:
-    """Gap to the best client and re-basin barrier against parameters, one line per family."""
+    """Gap to the best client and re-basin barrier against parameters: one colour per family,
+    one line style per method (so a family's lines read together)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,7 +317,8 @@ def plot_trend(data: Mapping, path: Path) -> Path:
     from simulations.plots import save_figure
 
     fig, (gap_ax, bar_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for family in dict.fromkeys(r["family"] for r in data["rows"]):
+    for index, family in enumerate(dict.fromkeys(r["family"] for r in data["rows"])):
+        color = f"C{index % 10}"
         rows = [r for r in data["rows"] if r["family"] == family]
         params = [r["params"] for r in rows]
         for method, style in (("repaired", "-o"), ("naive-repaired", ":x")):
@@ -325,15 +327,19 @@ def plot_trend(data: Mapping, path: Path) -> Path:
                 means = [100 * s["mean"] for s in stats]
                 stds = [100 * s["std"] for s in stats]
                 label = f"{family}: {COLUMNS[method]}"
-                gap_ax.errorbar(params, means, yerr=stds, fmt=style, capsize=3, label=label)
-        for label, barriers in (
-            (family, [r["accuracy_barriers"].get("rebasin") for r in rows]),
-            (f"{family}: + repair", [repaired_barrier(r) for r in rows]),
+                gap_ax.errorbar(
+                    params, means, yerr=stds, fmt=style, color=color, capsize=3, label=label
+                )
+        for label, style, barriers in (
+            (family, "--s", [r["accuracy_barriers"].get("rebasin") for r in rows]),
+            (f"{family}: + repair", "-o", [repaired_barrier(r) for r in rows]),
         ):
             if all(b is not None and b.get("mean") is not None for b in barriers):
                 means = [100 * b["mean"] for b in barriers]
                 stds = [100 * b["std"] for b in barriers]
-                bar_ax.errorbar(params, means, yerr=stds, fmt="-o", capsize=3, label=label)
+                bar_ax.errorbar(
+                    params, means, yerr=stds, fmt=style, color=color, capsize=3, label=label
+                )
     gap_ax.axhline(0.0, color="grey", lw=0.8)
     gap_ax.set(xscale="log", xlabel="parameters", ylabel="merged - best client (points)")
     bar_ax.set(xscale="log", xlabel="parameters", ylabel="re-basin accuracy barrier (points)")
