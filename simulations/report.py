@@ -278,6 +278,15 @@ def _oneshot_sections(results: Mapping, plots: set[str]) -> list[str]:
     )
     out.append("")
     out.append(f"Wall time per seed: {num(summary['wall_seconds'], 1)} s (training included).")
+    loaded = [
+        f"seed {run['seed']} client {i}" for run in runs for i in run.get("clients_from_disk", [])
+    ]
+    if loaded:
+        # Their training ran in an earlier, interrupted run: not in that seed's wall time.
+        out.append(
+            f"Loaded from `clients/` (trained by an earlier, interrupted run, whose training "
+            f"time the seed's wall time leaves out): {', '.join(loaded)}."
+        )
     return out
 
 

@@ -205,6 +205,10 @@ def test_simulate_resume_trains_only_the_clients_an_interrupted_seed_lacks(
     assert trained == ["seed 0: client 1"]
     (run,) = json.loads((out / "results.json").read_text())["one_shot"]["runs"]
     assert run["clients_from_disk"] == [0]
+    assert _flat(
+        "Loaded from `clients/` (trained by an earlier, interrupted run, whose training time "
+        "the seed's wall time leaves out): seed 0 client 0."
+    ) in _flat((out / "report.md").read_text())
 
     # The stored endpoints merge offline, the model read from their metadata.
     files = [str(out / "clients" / f"seed0-client{i}.safetensors") for i in (0, 1)]
