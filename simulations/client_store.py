@@ -18,8 +18,8 @@ from pathlib import Path
 
 from torch import nn
 
-from rebasin.recipe import resolve
-from simulations.oneshot import OneShotConfig
+from simulations.oneshot import OneShotConfig, training_of
+from simulations.results import differing_settings
 
 CLIENT_FORMAT = "rebasin-fl-client/1"
 CLIENTS_DIR = "clients"
@@ -68,19 +68,24 @@ class ClientStore:
 
         try:
             metadata = read_metadata(path)
-            if metadata.get("format") != CLIENT_FORMAT or "client" not in metadata:
-                raise ClientStoreError(f"{path}: not a stored client ({CLIENT_FORMAT})")
-            differ = _differences(json.loads(metadata["client"]), client_key(cfg, seed, client))
-            if differ:
-                raise ClientStoreError(
-                    f"{path} was trained otherwise than this run's seed {seed} client {client} "
-                    f"({', '.join(differ)} differ); delete it or use another --out"
-                )
+        except MergeInputError as exc:
+            raise ClientStoreError(f"cannot reuse stored client {path}: {exc}") from None
+        raw = metadata.get("client", "") if metadata.get("format") == CLIENT_FORMAT else ""
+        try:
+            stored, seconds = json.loads(raw), float(metadata["train_seconds"])
+        except (KeyError, ValueError):
+            stored = None
+        if not isinstance(stored, dict):
+            raise ClientStoreError(f"{path}: not a stored client ({CLIENT_FORMAT})")
+        differ = differing_settings(stored, client_key(cfg, seed, client))
+        if differ:
+            raise ClientStoreError(
+                f"{path} was trained otherwise than this run's seed {seed} client {client} "
+                f"({', '.join(differ)} differ); delete it or use another --out"
+            )
+        try:
             state_dict = read_state_dict(path, model.state_dict())
-            seconds = float(metadata["train_seconds"])
-        except ClientStoreError:
-            raise
-        except (MergeInputError, KeyError, ValueError) as exc:
+        except MergeInputError as exc:
             raise ClientStoreError(f"cannot reuse stored client {path}: {exc}") from None
         model.load_state_dict(state_dict)
         model.eval()  # as training leaves it
@@ -111,22 +116,6 @@ def client_key(cfg: OneShotConfig, seed: int, client: int) -> dict:
     settings = cfg.model_dump(mode="json")
     for name in _MERGE_ONLY:
         settings.pop(name)
-    training = resolve(cfg.recipe(), "cpu", cfg.optimizer, cfg.lr).as_dict()
+    training = training_of(cfg)
     training.pop("bf16_supported")  # the machine's, not the training's
     return {"settings": settings, "seed": seed, "client": client, "training": training}
-
-
-def _differences(stored: dict, wanted: dict) -> list[str]:
-    """The fields of two client keys that differ, one level deep (``epochs``, ``training.bf16``)."""
-
-    def flat(key: dict) -> dict:
-        out = {}
-        for name, value in key.items():
-            if isinstance(value, dict):
-                out.update({f"{name}.{k}": v for k, v in value.items()})
-            else:
-                out[name] = value
-        return out
-
-    a, b = flat(stored), flat(wanted)
-    return sorted(k for k in {*a, *b} if a.get(k) != b.get(k))

@@ -16,9 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.progress import Progress
 
-from rebasin.recipe import resolve
 from simulations.multiround import MultiRoundConfig
-from simulations.oneshot import OneShotConfig
+from simulations.oneshot import OneShotConfig, training_of
 from simulations.results import differing_settings
 from simulations.settings import check_seeds
 
@@ -340,7 +339,7 @@ def check_same_training(runs: Iterable[dict], cfg: SimulateConfig) -> None:
     machine resolves for ``cfg``; only whether bf16 is supported may differ.
     """
     exp = cfg.experiment
-    here = resolve(exp.recipe(), "cpu", exp.optimizer, exp.lr).as_dict()
+    here = training_of(exp)
     here.pop("bf16_supported")
     for run in runs:
         there = {k: v for k, v in run.get("training", here).items() if k != "bf16_supported"}

@@ -85,6 +85,12 @@ class OneShotConfig(TrainingOptions):
         return self
 
 
+def training_of(cfg: OneShotConfig) -> dict:
+    """The training this machine resolves for ``cfg``'s clients (what a seed's results record
+    as ``training``; bf16 ``auto`` resolves per CPU)."""
+    return resolve(cfg.recipe(), "cpu", cfg.optimizer, cfg.lr).as_dict()
+
+
 def split_clients(cfg: OneShotConfig, labels: torch.Tensor, seed: int) -> list[np.ndarray]:
     """Index arrays, one per client, by the configured partitioner."""
     if cfg.partition == "region":
@@ -291,7 +297,7 @@ def run_oneshot(
         "clients": [model_metrics(m, test_set, cfg.batch_size) for m in clients],
         "methods": {name: model_metrics(m, test_set, cfg.batch_size) for name, m in models.items()},
         "merge_seconds": timings,
-        "training": resolve(cfg.recipe(), "cpu", cfg.optimizer, cfg.lr).as_dict(),
+        "training": training_of(cfg),
         "train_seconds": train_seconds,
     }
     if from_disk:

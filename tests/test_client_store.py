@@ -155,6 +155,14 @@ def test_unreadable_or_foreign_files_are_refused_by_name(tmp_path: Path) -> None
     with pytest.raises(ClientStoreError) as err:
         store.load(CFG, 0, 0, model)
     assert str(err.value) == f"{path}: not a stored client ({CLIENT_FORMAT})"
+    # Our format, but its key is no JSON object: refused the same way.
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for broken in ("[1, 2]", "{not json", None):
+        header = {"format": CLIENT_FORMAT, "train_seconds": "1.0"}
+        save_file(tensors, str(path), metadata=header | ({"client": broken} if broken else {}))
+        with pytest.raises(ClientStoreError) as err:
+            store.load(CFG, 0, 0, model)
+        assert str(err.value) == f"{path}: not a stored client ({CLIENT_FORMAT})"
     # The right header over the wrong tensors: named by key.
     store.save(CFG, 0, 0, model, 1.0)
     tensors = load_file(str(path))
