@@ -61,6 +61,15 @@ def family(experiment: Mapping) -> str:
     return f"{model} {experiment['norm']}" if model in CONV_MODELS else model
 
 
+def precision(runs: Sequence[Mapping]) -> str:
+    """What the seeds' training computed in: ``bf16`` (autocast), ``fp32``, or ``mixed``.
+
+    Runs of different families may differ in their recipe, so the table says what each used.
+    """
+    used = {bool(run.get("training", {}).get("bf16", False)) for run in runs}
+    return "mixed" if len(used) > 1 else ("bf16" if used == {True} else "fp32")
+
+
 def run_row(results: Mapping) -> dict:
     """One row of the comparison from a ``simulate`` run's results (one-shot section)."""
     name = results["name"]
@@ -97,6 +106,7 @@ def run_row(results: Mapping) -> dict:
         "width": experiment["width"],
         "norm": experiment["norm"],
         "epochs": experiment["epochs"],
+        "precision": precision(runs),
         "params": parameter_count(experiment),
         "seeds": [run["seed"] for run in runs],
         "best_client": stat(best),
@@ -255,10 +265,11 @@ def render(data: Mapping, sources: Sequence[Mapping]) -> str:
 
     rows = data["rows"]
     lines = ["# Comparison of one-shot runs", ""]
-    head = ["run", "params", "epochs", "seeds", "best client", "lowest client"]
+    head = ["run", "params", "epochs", "precision", "seeds", "best client", "lowest client"]
     body = []
     for r in rows:
-        cells = [r["run"], f"{r['params']:,}", str(r["epochs"]), " ".join(map(str, r["seeds"]))]
+        cells = [r["run"], f"{r['params']:,}", str(r["epochs"]), r["precision"]]
+        cells.append(" ".join(map(str, r["seeds"])))
         cells += [pct(r["best_client"]), f"{100 * r['lowest_client']:.2f}"]
         cells += [pct(r["methods"].get(m, {}).get("accuracy")) for m in COLUMNS]
         body.append(cells)

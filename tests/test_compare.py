@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from rebasin.zoo import build_model
 from simulations import cli
-from simulations.compare import compare_runs, repaired_barrier
+from simulations.compare import compare_runs, precision, repaired_barrier
 from simulations.results import read_results
 
 runner = CliRunner()
@@ -54,6 +54,7 @@ def test_compare_rows_come_from_the_runs(runs: list[Path], tmp_path: Path) -> No
         model = build_model("mlp", "mnist", width=width)
         assert row["params"] == sum(p.numel() for p in model.parameters())
         assert row["family"] == "mlp"
+        assert row["precision"] == "fp32"  # MNIST keeps the plain loop: no autocast
         best = [max(c["accuracy"] for c in r["clients"]) for r in results["one_shot"]["runs"]]
         assert row["best_client"]["values"] == best
         assert row["lowest_client"] == min(
@@ -82,7 +83,7 @@ def test_compare_rows_come_from_the_runs(runs: list[Path], tmp_path: Path) -> No
     report = (out / "compare.md").read_text()
     gap = small["methods"]["repaired"]["gap"]
     cell = f"{100 * gap['mean']:+.2f} ± {100 * gap['std']:.2f}"
-    assert f"| mlp-w0.125 | {small['params']:,} |" in report
+    assert f"| mlp-w0.125 | {small['params']:,} | {small['epochs']} | fp32 | 0 1 |" in report
     assert "| naive barrier | re-basin barrier | re-basin + repair barrier |" in report
     assert "| naive | naive + repair | re-basin | MergeMany | re-basin + repair |" in report
     assert repaired_barrier(small) == small["accuracy_barriers"].get("rebasin+repair")
@@ -92,6 +93,16 @@ def test_compare_rows_come_from_the_runs(runs: list[Path], tmp_path: Path) -> No
         f"best client at {small['params']:,} parameters and "
         f"{100 * data['trends'][0]['gap_to']:+.2f} at {large['params']:,}."
     ) in report
+
+
+def test_precision_names_what_the_seeds_trained_in() -> None:
+    def runs(*flags: bool) -> list[dict]:
+        return [{"training": {"bf16": flag}} for flag in flags]
+
+    assert precision(runs(True, True)) == "bf16"
+    assert precision(runs(False, False)) == "fp32"
+    assert precision(runs(True, False)) == "mixed"
+    assert precision([{}]) == "fp32"  # results from before training was recorded
 
 
 def test_compare_refuses_runs_that_are_not_comparable(runs: list[Path], tmp_path: Path) -> None:
