@@ -137,6 +137,10 @@ def _header(results: Mapping) -> list[str]:
         ),
         f"- Seeds: {seeds} (cells: mean ± sample std over the seeds)",
     ]
+    runs = results.get("one_shot", {}).get("runs", [])
+    if runs and "training" in runs[0]:
+        # Beside the model line, before the seeds (and the resumed runs' lines after them).
+        lines.insert(-1, "- One-shot training: " + recipe_line(runs[0]["training"]))
     for earlier in results.get("earlier_environments", []):
         kept = ", ".join(str(s) for s in earlier["seeds"])
         lines.append(
@@ -144,9 +148,6 @@ def _header(results: Mapping) -> list[str]:
             f"({earlier['cpu'] or 'unknown CPU'}, {earlier['torch_threads']} torch thread(s), "
             f"torch {earlier['torch']})"
         )
-    runs = results.get("one_shot", {}).get("runs", [])
-    if runs and "training" in runs[0]:
-        lines.insert(-1, "- One-shot training: " + recipe_line(runs[0]["training"]))
     if config.get("multi_round") and config["mode"] != "one-shot":
         mr = config["multi_round"]
         lines.append(

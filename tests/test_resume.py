@@ -63,6 +63,11 @@ def test_resume_keeps_finished_seeds_and_runs_only_the_missing_ones(
         f"- Resumed: seed(s) 0, 1 kept from the run of {env['date']} ({env['cpu']}, "
         f"{env['torch_threads']} torch thread(s), torch {env['torch']})"
     ) in (copy / "report.md").read_text()
+    # The header reads model, its training, seeds, then where kept seeds came from.
+    starts = ("- Model:", "- One-shot training:", "- Seeds:", "- Resumed:")
+    header = (copy / "report.md").read_text().splitlines()
+    at = [next(i for i, line in enumerate(header) if line.startswith(s)) for s in starts]
+    assert at == list(range(at[0], at[0] + 4)), header[: at[-1] + 1]
 
     # Everything done: a resumed run trains nothing and keeps the file's runs.
     calls.clear()
