@@ -138,24 +138,40 @@ def channel_moments(
     model: nn.Module, layer_name: str, loader: Iterable, num_batches: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std per output channel of one Linear/Conv layer over the data."""
-    layer = dict(model.named_modules())[layer_name]
-    sums: list[torch.Tensor] = []
+    return layer_moments(model, [layer_name], loader, num_batches)[layer_name]
 
-    def hook(_module, _inputs, output):
-        y = output.transpose(0, 1).reshape(output.shape[1], -1).double()
-        sums.append(torch.stack([y.sum(1), (y * y).sum(1), torch.full_like(y[:, 0], y.shape[1])]))
 
-    handle = layer.register_forward_hook(hook)
+@torch.no_grad()
+def layer_moments(
+    model: nn.Module, layer_names: Sequence[str], loader: Iterable, num_batches: int | None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Mean and std per output channel of each named layer, all from one pass over the data."""
+    layers = dict(model.named_modules())
+    sums: dict[str, list[torch.Tensor]] = {name: [] for name in layer_names}
+
+    def hook_for(name: str):
+        def hook(_module, _inputs, output):
+            y = output.transpose(0, 1).reshape(output.shape[1], -1).double()
+            sums[name].append(
+                torch.stack([y.sum(1), (y * y).sum(1), torch.full_like(y[:, 0], y.shape[1])])
+            )
+
+        return hook
+
+    handles = [layers[name].register_forward_hook(hook_for(name)) for name in layer_names]
     try:
         model.eval()
         for x in _batches(loader, num_batches, _device(model)):
             model(x)
     finally:
-        handle.remove()
-    s, s2, n = torch.stack(sums).sum(0)
-    mean = s / n
-    std = (s2 / n - mean**2).clamp_min(0).sqrt()
-    return mean, std
+        for handle in handles:
+            handle.remove()
+    moments = {}
+    for name in layer_names:
+        s, s2, n = torch.stack(sums[name]).sum(0)
+        mean = s / n
+        moments[name] = (mean, (s2 / n - mean**2).clamp_min(0).sqrt())
+    return moments
 
 
 @torch.no_grad()
@@ -186,8 +202,11 @@ def repair(
         for name, m in merged.named_modules()
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GroupNorm)) and m.bias is not None
     ][:-1]
+    # The endpoints never change: one pass each measures every layer's target. The merged
+    # model is measured layer by layer, after the layers before it were corrected.
+    measured = [layer_moments(m, layers, loader, num_batches) for m in endpoints]
     for name in layers:
-        targets = [channel_moments(m, name, loader, num_batches) for m in endpoints]
+        targets = [m[name] for m in measured]
         mu_t = sum(w * t[0] for w, t in zip(weights, targets)) / total
         std_t = sum(w * t[1] for w, t in zip(weights, targets)) / total
         mu_m, std_m = channel_moments(merged, name, loader, num_batches)

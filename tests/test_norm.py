@@ -14,6 +14,7 @@ from rebasin.norm import (
     channel_moments,
     combine_batchnorm_stats,
     has_batchnorm,
+    layer_moments,
     load_batchnorm_stats,
     repair,
     reset_batchnorm_stats,
@@ -116,3 +117,46 @@ def test_repair_corrects_layernorm_models_through_the_norms_affine_parameters() 
         torch.testing.assert_close(
             got_std, 0.5 * (target[0][1] + target[1][1]), atol=1e-4, rtol=1e-3
         )
+
+
+def _textbook_repair(merged, endpoints, loader, weights, eps=1e-5):
+    """REPAIR measured one layer at a time, the endpoints too (the plain form of the loop)."""
+    total = float(sum(weights))
+    names = [n for n, m in merged.named_modules() if isinstance(m, nn.Linear)][:-1]
+    for name in names:
+        targets = [channel_moments(m, name, loader, None) for m in endpoints]
+        mu_t = sum(w * t[0] for w, t in zip(weights, targets)) / total
+        std_t = sum(w * t[1] for w, t in zip(weights, targets)) / total
+        mu_m, std_m = channel_moments(merged, name, loader, None)
+        scale = std_t / (std_m + eps)
+        layer = dict(merged.named_modules())[name]
+        layer.weight.mul_(scale.view(-1, 1).to(layer.weight.dtype))
+        layer.bias.copy_(((layer.bias.double() - mu_m) * scale + mu_t).to(layer.bias.dtype))
+    return merged
+
+
+@torch.no_grad()
+def test_repair_measures_each_endpoint_once_and_equals_the_layer_by_layer_form() -> None:
+    torch.manual_seed(0)
+    endpoints = [MLP(in_features=48, hidden=(16, 8, 8), num_classes=3).eval() for _ in range(2)]
+    state = average([m.state_dict() for m in endpoints], weights=[1.0, 3.0])
+    fast, slow = (MLP(in_features=48, hidden=(16, 8, 8), num_classes=3).eval() for _ in range(2))
+    fast.load_state_dict(state)
+    slow.load_state_dict(state)
+    loader = _loader(256, seed=3, batch=64)
+    passes = [0, 0]
+    hooks = [
+        m.register_forward_pre_hook(lambda *_, i=i: passes.__setitem__(i, passes[i] + 1))
+        for i, m in enumerate(endpoints)
+    ]
+    repair(fast, endpoints, loader, weights=[1.0, 3.0])
+    assert passes == [4, 4]  # one pass over the 4 batches per endpoint, not one per layer
+    for h in hooks:
+        h.remove()
+    _textbook_repair(slow, endpoints, loader, weights=[1.0, 3.0])
+    for key, value in slow.state_dict().items():
+        assert torch.equal(fast.state_dict()[key], value), key
+    together = layer_moments(endpoints[0], ["layers.0", "layers.2"], loader, None)
+    for name in ("layers.0", "layers.2"):
+        alone = channel_moments(endpoints[0], name, loader, None)
+        assert torch.equal(together[name][0], alone[0]) and torch.equal(together[name][1], alone[1])
