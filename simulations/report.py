@@ -97,6 +97,22 @@ def code_line(code: Mapping | None) -> str:
     return f"commit {code['commit'][:12]}" + (" with local changes" if code["dirty"] else "")
 
 
+def _seeds_line(results: Mapping, seeds: str) -> str:
+    """The seeds, and which of them the cells hold while a run is not finished yet."""
+    finished = {
+        mode.replace("_", "-"): [run["seed"] for run in results[mode]["runs"]]
+        for mode in ("one_shot", "multi_round")
+        if mode in results
+    }
+    if all(held == list(results["seeds"]) for held in finished.values()):
+        return f"- Seeds: {seeds} (cells: mean ± sample std over the seeds)"
+    done = "; ".join(f"{mode} {', '.join(map(str, held))}" for mode, held in finished.items())
+    return (
+        f"- Seeds: {seeds}; **not finished**: the cells hold only seeds {done} "
+        "(mean ± sample std over those; 0 for one seed)"
+    )
+
+
 def _header(results: Mapping) -> list[str]:
     config = results["config"]
     exp = config["experiment"]
@@ -135,7 +151,7 @@ def _header(results: Mapping) -> list[str]:
             if config["mode"] != "multi-round"
             else ""
         ),
-        f"- Seeds: {seeds} (cells: mean ± sample std over the seeds)",
+        _seeds_line(results, seeds),
     ]
     runs = results.get("one_shot", {}).get("runs", [])
     if runs and "training" in runs[0]:

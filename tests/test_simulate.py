@@ -342,6 +342,25 @@ def test_report_names_the_norm_only_for_models_that_have_one(
         assert line in render_report(other)
 
 
+def test_report_of_an_unfinished_run_says_which_seeds_its_cells_hold(
+    tiny_run: tuple[Path, dict, str],
+) -> None:
+    import copy
+
+    from simulations.report import render_report
+
+    _, results, report = tiny_run
+    assert "- Seeds: 0, 1 (cells: mean ± sample std over the seeds)" in report
+    # A long run is written after every seed: seed 1's one-shot and multi-round runs not yet.
+    partial = copy.deepcopy(results)
+    partial["one_shot"]["runs"] = partial["one_shot"]["runs"][:1]
+    partial["multi_round"]["runs"] = partial["multi_round"]["runs"][:1]
+    assert (
+        "- Seeds: 0, 1; **not finished**: the cells hold only seeds one-shot 0; multi-round 0 "
+        "(mean ± sample std over those; 0 for one seed)"
+    ) in render_report(partial)
+
+
 def test_scenarios_pick_their_partition_and_client_count(monkeypatch: pytest.MonkeyPatch) -> None:
     captured = []
     monkeypatch.setattr(
