@@ -11,8 +11,10 @@ per-client statistics; LayerNorm: REPAIR against the aligned clients), and compa
 logit ensemble and the best client, on the full test set.
 
 Outputs in ``--out``: ``paper_scale.json`` (rewritten after every run), ``paper_scale.md``
-and ``paper_scale.png``. After the first epoch of every setting the script prints its
-measured images/s and the projected time of the whole run (compute grows with width²).
+and ``paper_scale.png``. After the first epoch of the first setting the script prints that
+epoch's time and the projected time of the whole run (compute grows with width²). Stopped by
+SIGINT (the script's timeout), it still writes the report of the finished runs, names the
+ones it did not reach, and exits 130.
 
 Dependencies: torch, torchvision, numpy, scipy, rich, safetensors and typer only (no flwr,
 no pydantic), so it runs on a bare GPU machine; ``tests/test_paper_scale.py`` checks that.
@@ -374,19 +376,33 @@ def run_paper_scale(
         transient=True,
     ) as progress:
         hooks = Hooks(cfg, console, progress)
-        for width in cfg.widths:
-            for norm in cfg.norms:
-                for seed in cfg.seeds:
-                    run = run_one(cfg, width, norm, seed, data, hooks)
-                    results["runs"].append(run)
-                    results["estimated_seconds"] = hooks.estimate
-                    results["wall_seconds"] = time.perf_counter() - start
-                    _write_json(results, out / "paper_scale.json")
-                    console.print(_run_line(run))
+        planned = [(w, n, s) for w in cfg.widths for n in cfg.norms for s in cfg.seeds]
+        try:
+            for width, norm, seed in planned:
+                run = run_one(cfg, width, norm, seed, data, hooks)
+                results["runs"].append(run)
+                results["estimated_seconds"] = hooks.estimate
+                results["wall_seconds"] = time.perf_counter() - start
+                _write_json(results, out / "paper_scale.json")
+                console.print(_run_line(run))
+        except KeyboardInterrupt:
+            # The script's timeout sends SIGINT: report what finished instead of nothing.
+            left = planned[len(results["runs"]) :]
+            results["interrupted"] = {
+                "after_seconds": time.perf_counter() - start,
+                "not_run": [{"width": w, "norm": n, "seed": s} for w, n, s in left],
+            }
+            console.print(
+                f"[red]interrupted[/] after {len(results['runs'])} of {len(planned)} runs; "
+                "writing the report of the finished ones"
+            )
     results["summary"] = summarize(results["runs"])
     results["wall_seconds"] = time.perf_counter() - start
     _write_json(results, out / "paper_scale.json")
     written = json.loads((out / "paper_scale.json").read_text())
+    if not written["runs"]:
+        console.print(f"no run finished; {out / 'paper_scale.json'} says what was planned")
+        return written
     (out / "paper_scale.md").write_text(render_report(written))
     write_chart(written, out / "paper_scale.png")
     console.print(f"results in {out} after {written['wall_seconds']:.0f} s")
@@ -466,10 +482,12 @@ def main(
         raise typer.Exit(2)
     command = "python -m simulations.paper_scale " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        run_paper_scale(cfg, data_dir, out, torch.device(name), command=command)
+        written = run_paper_scale(cfg, data_dir, out, torch.device(name), command=command)
     except FileNotFoundError as exc:
         typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None
+    if "interrupted" in written:
+        raise typer.Exit(130)  # as an interrupted command: the results are partial
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def render_report(results: dict) -> str:
         f"bf16 {cfg['bf16']} (used: {'yes' if results['runs'][0]['training']['bf16'] else 'no'})",
         f"- Seeds: {', '.join(str(s) for s in cfg['seeds'])} (mean ± sample std)",
         f"- Wall time: {results['wall_seconds']:.0f} s (data {results['data_seconds']:.0f} s)",
+        *_interrupted_lines(results),
         "",
         "![accuracy](paper_scale.png)",
     ]
@@ -80,6 +81,18 @@ def render_report(results: dict) -> str:
         for m, s in row["methods"].items():
             lines.append(f"| {m} | {_pct(s)} | {_pct(row['gap_to_best_client'][m])} |")
     return "\n".join(lines) + "\n"
+
+
+def _interrupted_lines(results: dict) -> list[str]:
+    """A cut-off run (the script's timeout) names the settings it did not reach."""
+    cut = results.get("interrupted")
+    if not cut:
+        return []
+    left = ", ".join(f"x{r['width']:g} {r['norm']} seed {r['seed']}" for r in cut["not_run"])
+    return [
+        f"- **Interrupted** after {cut['after_seconds']:.0f} s: not run: {left or 'none'}; "
+        "the tables hold the finished runs only"
+    ]
 
 
 def write_chart(results: dict, path: Path) -> Path:

@@ -143,3 +143,80 @@ def test_bad_settings_are_named(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "--norms = ['group']" in proc.stderr
     proc = run_script(["--data-dir", str(tmp_path / "none"), "--device", "cpu"], tmp_path)
     assert proc.returncode == 1 and "CIFAR-10 not found in data directory" in proc.stderr
+
+
+def test_an_interrupted_run_reports_the_finished_settings_and_names_the_rest(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The script's timeout sends SIGINT; Python raises KeyboardInterrupt where the run is.
+    import torch
+    from typer.testing import CliRunner
+
+    import simulations.paper_scale as ps
+
+    out, _, _, _ = tiny
+    monkeypatch.setenv("REBASIN_CACHE_DIR", str(tmp_path / "c"))
+    real = ps.run_one
+    calls: list[tuple[float, str, int]] = []
+
+    def cut_at_second(cfg, width, norm, seed, data, hooks):
+        calls.append((width, norm, seed))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(cfg, width, norm, seed, data, hooks)
+
+    monkeypatch.setattr(ps, "run_one", cut_at_second)
+    cfg = ps.PaperScaleConfig(
+        widths=(0.5,), norms=("batch", "layer"), seeds=(0, 1), epochs=1, batch_size=32,
+        max_lr=0.05,
+    )  # fmt: skip
+    cut = tmp_path / "cut"
+    written = ps.run_paper_scale(cfg, out.parent / "data", cut, torch.device("cpu"))
+    assert [(r["norm"], r["seed"]) for r in written["runs"]] == [("batch", 0)]
+    assert written["interrupted"]["not_run"] == [
+        {"width": 0.5, "norm": "batch", "seed": 1},
+        {"width": 0.5, "norm": "layer", "seed": 0},
+        {"width": 0.5, "norm": "layer", "seed": 1},
+    ]
+    assert json.loads((cut / "paper_scale.json").read_text()) == written
+    report = (cut / "paper_scale.md").read_text()
+    assert "- **Interrupted** after " in report
+    assert (
+        "s: not run: x0.5 batch seed 1, x0.5 layer seed 0, x0.5 layer seed 1; the tables hold "
+        "the finished runs only"
+    ) in report
+    assert report.count("\n## ResNet-20 x0.5") == 1
+    assert (cut / "paper_scale.png").is_file()
+
+    # Cut before any run finished: the JSON says what was planned, no report; the command
+    # line exits 130, as an interrupted command.
+    calls.clear()
+    monkeypatch.setattr(ps, "run_one", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    empty = tmp_path / "empty"
+    args = ["--data-dir", str(out.parent / "data"), "--out", str(empty), "--widths", "0.5",
+            "--norms", "batch", "--epochs", "1", "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(ps.app, args)
+    assert result.exit_code == 130, result.output
+    saved = json.loads((empty / "paper_scale.json").read_text())
+    assert saved["runs"] == [] and len(saved["interrupted"]["not_run"]) == 1
+    assert not (empty / "paper_scale.md").exists()
+
+
+def test_the_gpu_script_runs_the_module_under_its_time_cap(tmp_path: Path) -> None:
+    # A stand-in interpreter prints what the script would run (the real run needs a GPU).
+    fake = tmp_path / "fake-python"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "PATH": os.environ["PATH"]}
+    script = REPO_ROOT / "scripts" / "gpu_paper_scale.sh"
+    proc = subprocess.run(
+        ["bash", str(script), "d", "o", "--seeds", "1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    args = proc.stdout.splitlines()
+    assert args[:6] == ["-m", "simulations.paper_scale", "--data-dir", "d", "--out", "o"]
+    assert args[-4:] == ["--time-budget", "450", "--seeds", "1"]
+    assert " ".join(args).count("--widths") == 2 and "--device cuda" in " ".join(args)
+    text = script.read_text()
+    assert 'timeout --signal=INT --kill-after=15 465 "${PYTHON:-python3}"' in text
