@@ -146,19 +146,22 @@ def layer_moments(
     model: nn.Module, layer_names: Sequence[str], loader: Iterable, num_batches: int | None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Mean and std per output channel of each named layer, all from one pass over the data."""
-    layers = dict(model.named_modules())
-    sums: dict[str, list[torch.Tensor]] = {name: [] for name in layer_names}
+    modules = dict(model.named_modules())
+    missing = [name for name in layer_names if name not in modules]
+    if missing:
+        raise ValueError(f"the model has no layer(s) {', '.join(map(repr, missing))}")
+    # Running (sum, sum of squares, count) per layer, in float64.
+    sums: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
         def hook(_module, _inputs, output):
             y = output.transpose(0, 1).reshape(output.shape[1], -1).double()
-            sums[name].append(
-                torch.stack([y.sum(1), (y * y).sum(1), torch.full_like(y[:, 0], y.shape[1])])
-            )
+            batch = torch.stack([y.sum(1), (y * y).sum(1), torch.full_like(y[:, 0], y.shape[1])])
+            sums[name] = sums[name] + batch if name in sums else batch
 
         return hook
 
-    handles = [layers[name].register_forward_hook(hook_for(name)) for name in layer_names]
+    handles = [modules[name].register_forward_hook(hook_for(name)) for name in layer_names]
     try:
         model.eval()
         for x in _batches(loader, num_batches, _device(model)):
@@ -168,7 +171,9 @@ def layer_moments(
             handle.remove()
     moments = {}
     for name in layer_names:
-        s, s2, n = torch.stack(sums[name]).sum(0)
+        if name not in sums:
+            raise ValueError(f"layer {name!r} gave no output over the data (no batch, or unused)")
+        s, s2, n = sums[name]
         mean = s / n
         moments[name] = (mean, (s2 / n - mean**2).clamp_min(0).sqrt())
     return moments
@@ -190,7 +195,9 @@ def repair(
     deviation of each output unit are the ``weights``-average of the (aligned) endpoints'
     ones; the correction ``y -> (y - mu_merged) * std_target / std_merged + mu_target`` is
     folded into the weight and bias. Layers are repaired in forward order, each measured
-    after the ones before it were fixed. (Convolutions followed by a LayerNorm have no bias:
+    after the ones before it were fixed; each endpoint is measured once, every layer in one
+    pass (so with a shuffling ``loader`` cut at ``num_batches``, all of one endpoint's targets
+    come from one sample of batches). (Convolutions followed by a LayerNorm have no bias:
     the norm's affine parameters are the place to fold the correction.)
     """
     if not endpoints:

@@ -160,3 +160,9 @@ def test_repair_measures_each_endpoint_once_and_equals_the_layer_by_layer_form()
     for name in ("layers.0", "layers.2"):
         alone = channel_moments(endpoints[0], name, loader, None)
         assert torch.equal(together[name][0], alone[0]) and torch.equal(together[name][1], alone[1])
+    hooked = len(endpoints[0].layers[0]._forward_hooks)
+    with pytest.raises(ValueError, match=r"the model has no layer\(s\) 'layers.9'"):
+        layer_moments(endpoints[0], ["layers.0", "layers.9"], loader, None)
+    assert len(endpoints[0].layers[0]._forward_hooks) == hooked  # no hook left behind
+    with pytest.raises(ValueError, match="layer 'layers.0' gave no output over the data"):
+        layer_moments(endpoints[0], ["layers.0"], [], None)
