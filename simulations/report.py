@@ -99,14 +99,21 @@ def code_line(code: Mapping | None) -> str:
 
 def _seeds_line(results: Mapping, seeds: str) -> str:
     """The seeds, and which of them the cells hold while a run is not finished yet."""
-    finished = {
-        mode.replace("_", "-"): [run["seed"] for run in results[mode]["runs"]]
-        for mode in ("one_shot", "multi_round")
-        if mode in results
+    mode = results["config"]["mode"]
+    # Every section the run's mode writes; a missing one holds no seed yet ("both" runs
+    # every one-shot seed before the first multi-round one).
+    sections = [
+        s for s, skip in (("one_shot", "multi-round"), ("multi_round", "one-shot")) if mode != skip
+    ]
+    held = {
+        section.replace("_", "-"): [run["seed"] for run in results.get(section, {}).get("runs", [])]
+        for section in sections
     }
-    if all(held == list(results["seeds"]) for held in finished.values()):
+    if all(seen == list(results["seeds"]) for seen in held.values()):
         return f"- Seeds: {seeds} (cells: mean ± sample std over the seeds)"
-    done = "; ".join(f"{mode} {', '.join(map(str, held))}" for mode, held in finished.items())
+    done = "; ".join(
+        f"{section} {', '.join(map(str, seen)) or 'none'}" for section, seen in held.items()
+    )
     return (
         f"- Seeds: {seeds}; **not finished**: the cells hold only seeds {done} "
         "(mean ± sample std over those; 0 for one seed)"

@@ -359,6 +359,13 @@ def test_report_of_an_unfinished_run_says_which_seeds_its_cells_hold(
         "- Seeds: 0, 1; **not finished**: the cells hold only seeds one-shot 0; multi-round 0 "
         "(mean ± sample std over those; 0 for one seed)"
     ) in render_report(partial)
+    # What a "both" run writes between its last one-shot and first multi-round seed.
+    between = copy.deepcopy(results)
+    del between["multi_round"]
+    assert (
+        "- Seeds: 0, 1; **not finished**: the cells hold only seeds one-shot 0, 1; multi-round "
+        "none (mean ± sample std over those; 0 for one seed)"
+    ) in render_report(between)
 
 
 def test_scenarios_pick_their_partition_and_client_count(monkeypatch: pytest.MonkeyPatch) -> None:
