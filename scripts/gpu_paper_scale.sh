@@ -6,9 +6,10 @@
 # DATA_DIR holds cifar10-jpeg.tar.gz (default: data/, git-ignored, carried with the checkout).
 # Needs only torch, torchvision, numpy, scipy, rich, safetensors, typer (no flwr, pydantic).
 # The whole run is capped at 8 minutes: SIGINT at 465 s, then the report of the finished
-# settings is written (exit 124), and a kill 15 s later if that hangs. paper_scale.json is
-# rewritten after every finished setting. The script prints the projected total after the
-# first epoch. PYTHON picks the interpreter (default python3).
+# settings is written (exit 124), and a kill 15 s later if that hangs (exit 137).
+# paper_scale.json is rewritten after every finished setting. The script prints the
+# projected total after each setting's first epoch. PYTHON picks the interpreter (default
+# python3).
 set -euo pipefail
 DATA_DIR="${1:-data}"
 OUT_DIR="${2:-results/paper-scale}"

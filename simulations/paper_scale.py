@@ -11,10 +11,10 @@ per-client statistics; LayerNorm: REPAIR against the aligned clients), and compa
 logit ensemble and the best client, on the full test set.
 
 Outputs in ``--out``: ``paper_scale.json`` (rewritten after every run), ``paper_scale.md``
-and ``paper_scale.png``. After the first epoch of the first setting the script prints that
+and ``paper_scale.png``. After the first epoch of every setting the script prints that
 epoch's time and the projected time of the whole run (compute grows with width²). Stopped by
-SIGINT (the script's timeout), it still writes the report of the finished runs, names the
-ones it did not reach, and exits 130.
+SIGINT (the script's timeout) while the runs train and merge, it still writes the report of
+the finished runs, names the ones it did not reach, and exits 130.
 
 Dependencies: torch, torchvision, numpy, scipy, rich, safetensors and typer only (no flwr,
 no pydantic), so it runs on a bare GPU machine; ``tests/test_paper_scale.py`` checks that.
@@ -401,6 +401,8 @@ def run_paper_scale(
     _write_json(results, out / "paper_scale.json")
     written = json.loads((out / "paper_scale.json").read_text())
     if not written["runs"]:
+        for stale in (out / "paper_scale.md", out / "paper_scale.png"):  # an earlier run's
+            stale.unlink(missing_ok=True)
         console.print(f"no run finished; {out / 'paper_scale.json'} says what was planned")
         return written
     (out / "paper_scale.md").write_text(render_report(written))
