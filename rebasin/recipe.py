@@ -136,6 +136,17 @@ class ResolvedRecipe:
         return asdict(self)
 
 
+# Fields of a resolved recipe that describe the machine, not the training it gave.
+MACHINE_FIELDS = ("bf16_supported",)
+
+
+def training_identity(resolved: dict) -> dict:
+    """What trained, from a resolved recipe's dict: without :data:`MACHINE_FIELDS`, so that
+    two runs compare equal where they trained alike on machines that differ (``bf16 = "off"``
+    is fp32 on a CPU with bf16 units and on one without)."""
+    return {k: v for k, v in resolved.items() if k not in MACHINE_FIELDS}
+
+
 def resolve(recipe: TrainRecipe, device: torch.device | str, optimizer: str, lr: float):
     """The settings ``recipe`` gives on ``device`` with ``optimizer`` and learning rate ``lr``.
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
+from rebasin.recipe import training_identity
 from simulations.oneshot import OneShotConfig, training_of
 from simulations.results import differing_settings
 
@@ -116,6 +117,5 @@ def client_key(cfg: OneShotConfig, seed: int, client: int) -> dict:
     settings = cfg.model_dump(mode="json")
     for name in _MERGE_ONLY:
         settings.pop(name)
-    training = training_of(cfg)
-    training.pop("bf16_supported")  # the machine's, not the training's
+    training = training_identity(training_of(cfg))
     return {"settings": settings, "seed": seed, "client": client, "training": training}

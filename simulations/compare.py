@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from rebasin.recipe import training_identity
 from simulations.results import differing_settings, read_json, read_results, stat, write_json
 
 FORMAT = "rebasin-compare/1"
@@ -199,8 +200,7 @@ def _check_families(results: Sequence[Mapping], rows: Sequence[Mapping]) -> None
         # What training used, not only what was asked ("bf16 auto" is fp32 on one CPU and
         # bf16 on another); whether the CPU supported bf16 alone does not matter.
         config["training"] = [
-            {k: v for k, v in run.get("training", {}).items() if k != "bf16_supported"}
-            for run in r["one_shot"]["runs"]
+            training_identity(run.get("training", {})) for run in r["one_shot"]["runs"]
         ]
         return config
 

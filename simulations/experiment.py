@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.progress import Progress
 
+from rebasin.recipe import training_identity
 from simulations.multiround import MultiRoundConfig
 from simulations.oneshot import OneShotConfig, training_of
 from simulations.results import differing_settings
@@ -339,10 +340,9 @@ def check_same_training(runs: Iterable[dict], cfg: SimulateConfig) -> None:
     machine resolves for ``cfg``; only whether bf16 is supported may differ.
     """
     exp = cfg.experiment
-    here = training_of(exp)
-    here.pop("bf16_supported")
+    here = training_identity(training_of(exp))
     for run in runs:
-        there = {k: v for k, v in run.get("training", here).items() if k != "bf16_supported"}
+        there = training_identity(run.get("training", here))
         differ = sorted(k for k in {*here, *there} if here.get(k) != there.get(k))
         if differ:
             shown = ", ".join(f"{k}: {there.get(k)!r} there, {here.get(k)!r} here" for k in differ)

@@ -10,7 +10,14 @@ from torch import nn
 
 from rebasin.augment import RandomCropFlip, crop_flip
 from rebasin.models import MLP, VGG
-from rebasin.recipe import TrainRecipe, bf16_supported, cpu_flags, make_scheduler, resolve
+from rebasin.recipe import (
+    TrainRecipe,
+    bf16_supported,
+    cpu_flags,
+    make_scheduler,
+    resolve,
+    training_identity,
+)
 from rebasin.train import train
 
 
@@ -229,6 +236,15 @@ def test_bf16_is_unsupported_on_this_cpu_and_the_run_records_it():
     forced = resolve(TrainRecipe(bf16="on"), "cpu", "sgd", 0.1)
     assert forced.bf16 is True
     assert resolve(TrainRecipe(bf16="off"), "cpu", "sgd", 0.1).bf16 is False
+
+
+def test_training_identity_drops_only_what_the_machine_supports():
+    off = resolve(TrainRecipe(bf16="off"), "cpu", "sgd", 0.1).as_dict()
+    other_machine = {**off, "bf16_supported": not off["bf16_supported"]}
+    assert training_identity(off) == training_identity(other_machine)
+    assert set(off) - set(training_identity(off)) == {"bf16_supported"}
+    # What training used still tells runs apart: bf16 arithmetic against fp32.
+    assert training_identity({**off, "bf16": True}) != training_identity(off)
 
 
 def test_onecycle_peak_defaults_to_the_learning_rate():
