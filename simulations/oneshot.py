@@ -257,11 +257,14 @@ def run_oneshot(
             lambda: merge_many(spec, states, sizes, seed=seed, max_iter=cfg.max_iter),
         ),
     }
+    stream_states: list[StateDict] = []
     if stream is not None:
-        merged["rebasin-stream"] = timed(
-            "rebasin-stream",
-            lambda: average(_align_to(stream, states, largest, seed, cfg.max_iter), sizes),
-        )
+
+        def rebasin_stream() -> StateDict:
+            stream_states[:] = _align_to(stream, states, largest, seed, cfg.max_iter)
+            return average(stream_states, sizes)
+
+        merged["rebasin-stream"] = timed("rebasin-stream", rebasin_stream)
     models = {name: _load(template, sd) for name, sd in merged.items()}
     # Activation repair. BatchNorm: statistics pooled from per-client moments, as the
     # federated recalibration does. Without BatchNorm: REPAIR against the endpoints.
@@ -311,8 +314,15 @@ def run_oneshot(
         )
         results["methods"]["centralized"] = model_metrics(pooled_model, test_set, cfg.batch_size)
     if len(clients) >= 2:
+        ends = {"rebasin": (spec, aligned_states)}
+        if stream is not None:
+            ends["rebasin-stream"] = (stream, stream_states)
+        b_aligned = {
+            name: _aligned_to_first(sp, states, largest, kept, seed, cfg.max_iter)
+            for name, (sp, kept) in ends.items()
+        }
         results["interpolation"] = _interpolation(
-            cfg, spec, states, template, test_set, repair_loaders, seed
+            cfg, states, b_aligned, template, test_set, repair_loaders
         )
     return results
 
@@ -331,20 +341,37 @@ def _align_to(
     return [item.state_dict for item in stream]
 
 
-def _interpolation(
-    cfg: OneShotConfig,
+def _aligned_to_first(
     spec: PermutationSpec,
     states: Sequence[StateDict],
+    largest: int,
+    kept: Sequence[StateDict],
+    seed: int,
+    max_iter: int,
+) -> StateDict:
+    """Client 1 aligned to client 0, matched as the merge matches it (seed ``seed + 1``).
+
+    Where client 0 is the merge's reference this is the merge's own aligned client ``kept[1]``,
+    so the re-basin path passes through the re-basin merge (its midpoint, for equal weights).
+    Weight matching's random unit order finds other local optima under other seeds, so a path
+    aligned apart would describe another model than the one reported as merged.
+    """
+    if largest == 0 and len(kept) == len(states):
+        return kept[1]
+    return _align_to(spec, states[:2], 0, seed, max_iter)[1]
+
+
+def _interpolation(
+    cfg: OneShotConfig,
+    states: Sequence[StateDict],
+    b_aligned: dict[str, StateDict],
     template: nn.Module,
     test_set: LabeledData,
     loaders: Sequence,
-    seed: int,
 ) -> dict:
-    """Loss and accuracy along the path from client 0 to client 1, naive and re-basin."""
-    from rebasin.align import ReferenceAligner
-
+    """Loss and accuracy along the path from client 0 to client 1: naive, and to each of
+    ``b_aligned`` (client 1 aligned to client 0, by name: ``rebasin``, ``rebasin-stream``)."""
     a, b = states[0], states[1]
-    b_aligned, _ = ReferenceAligner(spec, a, max_iter=cfg.max_iter).align(b, seed=seed)
     lambdas = np.linspace(0.0, 1.0, cfg.lambdas).tolist()
     test_loader = test_set.loader(cfg.batch_size)
 
@@ -359,16 +386,13 @@ def _interpolation(
 
         return evaluate_point
 
-    curves = {
-        "naive": interpolation_curve(a, b, evaluator(False), lambdas),
-        "rebasin": interpolation_curve(a, b_aligned, evaluator(False), lambdas),
-    }
-    if any(is_head_perm(p) for p in spec.perm_names):
-        stream = stream_only(spec)
-        b_stream, _ = ReferenceAligner(stream, a, max_iter=cfg.max_iter).align(b, seed=seed)
-        curves["rebasin-stream"] = interpolation_curve(a, b_stream, evaluator(False), lambdas)
+    curves = {"naive": interpolation_curve(a, b, evaluator(False), lambdas)}
+    for name, end in b_aligned.items():
+        curves[name] = interpolation_curve(a, end, evaluator(False), lambdas)
     if has_batchnorm(template):
-        curves["rebasin+bn-reset"] = interpolation_curve(a, b_aligned, evaluator(True), lambdas)
+        curves["rebasin+bn-reset"] = interpolation_curve(
+            a, b_aligned["rebasin"], evaluator(True), lambdas
+        )
     return {
         name: {
             "lambdas": c.lambdas,

@@ -102,6 +102,11 @@ def test_simulate_writes_json_report_and_plots(tiny_run: tuple[Path, dict, str])
         for curve in run["interpolation"].values():
             assert curve["accuracy"][0] == pytest.approx(run["clients"][0]["accuracy"])
             assert curve["accuracy"][-1] == pytest.approx(run["clients"][1]["accuracy"], abs=1e-6)
+        # Equal shards: the re-basin path's midpoint is the re-basin merge itself (one
+        # alignment, the merge's), not another matching's local optimum.
+        middle = run["interpolation"]["rebasin"]
+        assert middle["accuracy"][1] == pytest.approx(run["methods"]["rebasin"]["accuracy"])
+        assert middle["loss"][1] == pytest.approx(run["methods"]["rebasin"]["loss"], rel=1e-5)
     rounds = results["multi_round"]["runs"]
     assert [r["seed"] for r in rounds] == [0, 1]
     for run in rounds:
