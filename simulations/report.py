@@ -163,7 +163,8 @@ def _header(results: Mapping) -> list[str]:
     runs = results.get("one_shot", {}).get("runs", [])
     if runs and "training" in runs[0]:
         # Beside the model line, before the seeds (and the resumed runs' lines after them).
-        lines.insert(-1, "- One-shot training: " + recipe_line(runs[0]["training"]))
+        support = _bf16_support(runs)
+        lines.insert(-1, "- One-shot training: " + recipe_line(runs[0]["training"], support))
     for earlier in results.get("earlier_environments", []):
         kept = ", ".join(str(s) for s in earlier["seeds"])
         lines.append(
@@ -183,20 +184,40 @@ def _header(results: Mapping) -> list[str]:
     return lines
 
 
-def recipe_line(used: Mapping) -> str:
-    """What a training run used (``rebasin.recipe.ResolvedRecipe`` as JSON), in words."""
+def _bf16_support(runs: Sequence[Mapping]) -> str:
+    """Whether the machine had bf16 units, per seed where the seeds trained on different ones.
+
+    ``--resume`` keeps seeds whose training differs only in what the machine supports
+    (``rebasin.recipe.MACHINE_FIELDS``), so a run resumed on another CPU can hold both.
+    """
+    device = runs[0]["training"]["device"]
+    seeds: dict[bool, list[str]] = {}
+    for run in runs:
+        seeds.setdefault(bool(run["training"]["bf16_supported"]), []).append(str(run["seed"]))
+    if len(seeds) == 1:
+        return f"{'supported' if True in seeds else 'not supported'} on {device}"
+    return (
+        f"supported on the {device} of seed(s) {', '.join(seeds[True])}, not on that of "
+        f"seed(s) {', '.join(seeds[False])}"
+    )
+
+
+def recipe_line(used: Mapping, support: str | None = None) -> str:
+    """What a training run used (``rebasin.recipe.ResolvedRecipe`` as JSON), in words;
+    ``support`` says where bf16 was supported (default: from ``used``)."""
     augment = f"crop (pad {used['crop_padding']}) + flip" if used["augment"] else "none"
     schedule = used["schedule"]
     if schedule == "onecycle":
         schedule += f" (peak lr {used['peak_lr']:g})"
-    support = "supported" if used["bf16_supported"] else "not supported"
+    if support is None:
+        word = "supported" if used["bf16_supported"] else "not supported"
+        support = f"{word} on {used['device']}"
     return (
         f"augmentation {augment}; {schedule} schedule"
         + (", Nesterov" if used["nesterov"] else "")
         + f"; label smoothing {used['label_smoothing']:g}; channels_last "
         f"{'yes' if used['channels_last'] else 'no'}; bf16 autocast "
-        f"{'yes' if used['bf16'] else 'no'} (requested {used['bf16_requested']}, {support} on "
-        f"{used['device']})"
+        f"{'yes' if used['bf16'] else 'no'} (requested {used['bf16_requested']}, {support})"
     )
 
 

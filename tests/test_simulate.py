@@ -332,6 +332,29 @@ def test_tiny_run_records_the_training_it_used(tiny_run: tuple[Path, dict, str])
     ) in report
 
 
+def test_report_says_per_seed_where_bf16_was_supported_when_the_machines_differed(
+    tiny_run: tuple[Path, dict, str],
+) -> None:
+    import copy
+
+    from simulations.report import render_report
+
+    _, results, _ = tiny_run
+    resumed = copy.deepcopy(results)
+    for run in resumed["one_shot"]["runs"]:
+        run["training"]["bf16_supported"] = False
+    assert "bf16 autocast no (requested off, not supported on cpu)\n" in render_report(resumed)
+    # A run resumed on a CPU with bf16 units: its seed 1 trained there (in fp32, as asked).
+    resumed["one_shot"]["runs"][1]["training"]["bf16_supported"] = True
+    assert (
+        "bf16 autocast no (requested off, supported on the cpu of seed(s) 1, not on that of "
+        "seed(s) 0)\n"
+    ) in render_report(resumed)
+    for run in resumed["one_shot"]["runs"]:
+        run["training"]["bf16_supported"] = True
+    assert "(requested off, supported on cpu)\n" in render_report(resumed)
+
+
 def test_report_names_the_norm_only_for_models_that_have_one(
     tiny_run: tuple[Path, dict, str],
 ) -> None:
