@@ -202,16 +202,13 @@ def _bf16_support(runs: Sequence[Mapping]) -> str:
     )
 
 
-def recipe_line(used: Mapping, support: str | None = None) -> str:
+def recipe_line(used: Mapping, support: str) -> str:
     """What a training run used (``rebasin.recipe.ResolvedRecipe`` as JSON), in words;
-    ``support`` says where bf16 was supported (default: from ``used``)."""
+    ``support`` says where bf16 was supported (:func:`_bf16_support`)."""
     augment = f"crop (pad {used['crop_padding']}) + flip" if used["augment"] else "none"
     schedule = used["schedule"]
     if schedule == "onecycle":
         schedule += f" (peak lr {used['peak_lr']:g})"
-    if support is None:
-        word = "supported" if used["bf16_supported"] else "not supported"
-        support = f"{word} on {used['device']}"
     return (
         f"augmentation {augment}; {schedule} schedule"
         + (", Nesterov" if used["nesterov"] else "")
