@@ -356,7 +356,7 @@ def _aligned_to_first(
     Weight matching's random unit order finds other local optima under other seeds, so a path
     aligned apart would describe another model than the one reported as merged.
     """
-    if largest == 0 and len(kept) == len(states):
+    if largest == 0:
         return kept[1]
     return _align_to(spec, states[:2], 0, seed, max_iter)[1]
 
